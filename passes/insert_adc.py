@@ -1,0 +1,82 @@
+"""Insert a PIM-quantize (ADC) op on every array column.
+
+Accepts: a model after SplitSlices.
+Guarantees: every crossbar layer gets an AdcPlan and an ``AdcQuantize`` node
+between its array MACs and the recombination, with one step Delta and one
+integer zero point z per array column (group, tile, slice, output channel):
+
+    Delta = max(1, (s_max - s_min) / (2^b - 1)),   z = round(-s_min / Delta)
+
+so that an ADC with 2^b >= s_max - s_min + 1 levels is lossless (Delta = 1:
+the PIM model then equals the digital quantized model exactly).  The range
+[s_min, s_max] is, by ``config.adc_range``:
+
+* ``full``: the worst case of the column's partial sum over all inputs in the
+  input slice range (never clips);
+* ``calibrated``: min/max of the column's partial sums over the calibration
+  data (computed with all layers digital, i.e. before any ADC), widened to
+  include 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from pimc.calibration import run_with_probes
+from pimc.lowering import array_weights, emit_layer
+from pimc.mapping import AdcPlan, LayerPlan
+from pimc.model import PimModel
+from .base import Transformation
+
+
+def full_range(p: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
+    w = array_weights(p).reshape(p.n_columns, -1).astype(np.float64)
+    lo, hi = p.slicing.input_range
+    pos, neg = np.clip(w, 0, None), np.clip(w, None, 0)
+    s_max = (pos * hi + neg * lo).sum(1)
+    s_min = (pos * lo + neg * hi).sum(1)
+    return s_min, s_max
+
+
+def adc_params(s_min: np.ndarray, s_max: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    span = np.maximum(s_max - s_min, 0)
+    delta = np.maximum(1.0, span / (2 ** bits - 1)).astype(np.float32)
+    z = np.round(-s_min / delta).astype(np.float32)
+    return delta, z
+
+
+class InsertAdc(Transformation):
+    name = "insert_adc"
+
+    def apply(self, model: PimModel):
+        cfg = model.config
+        plans = list(model.layers.values())
+        ranges = {}
+        if cfg.adc_range == "calibrated" and plans:
+            def probes(proto: onnx.ModelProto):
+                names = []
+                axes = onnx.helper.make_tensor("pimc_probe/axes", onnx.TensorProto.INT64, [3], [0, 2, 3])
+                proto.graph.initializer.append(axes)
+                for i, p in enumerate(plans):
+                    src = f"{p.name}/pimc/array_mac:0"
+                    for op in ("ReduceMin", "ReduceMax"):
+                        o = f"pimc_probe/{i}/{op}"
+                        if model.opset >= 18:
+                            proto.graph.node.append(onnx.helper.make_node(op, [src, "pimc_probe/axes"], [o], keepdims=0))
+                        else:
+                            proto.graph.node.append(onnx.helper.make_node(op, [src], [o], keepdims=0, axes=[0, 2, 3]))
+                        names.append(o)
+                return names
+            res = run_with_probes(model, probes)
+            for i, p in enumerate(plans):
+                lo = np.min(np.stack(res[2 * i]), axis=0).astype(np.float64)
+                hi = np.max(np.stack(res[2 * i + 1]), axis=0).astype(np.float64)
+                ranges[p.name] = (np.minimum(lo, 0), np.maximum(hi, 0))
+        for p in plans:
+            s_min, s_max = ranges.get(p.name) or full_range(p)
+            delta, z = adc_params(s_min, s_max, cfg.adc_bits)
+            p.adc = AdcPlan(bits=cfg.adc_bits, range=cfg.adc_range, scale=delta, zero_point=z,
+                            s_min=s_min.astype(np.float32), s_max=s_max.astype(np.float32))
+            emit_layer(model.graph, p)
+        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return model, bool(plans)

@@ -1,0 +1,102 @@
+"""Quantize each crossbar layer's input activations.
+
+Accepts: a model after FoldBatchNorm.
+Guarantees: every crossbar layer gets an InputQuant (scale, bits, signed) and
+is re-emitted with ``QuantizeInput`` + dequantizing ``Mul`` in front of its
+float MACs (a runnable fake-quant model).  The scale is, in order of preference:
+
+1. trained, read from the model: the layer input is produced by
+   ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` with a constant scalar
+   scale; bits and sign follow the zero point's type (int8: signed 8-bit,
+   uint8: unsigned 8-bit);
+2. calibrated: min/max of the layer input over the calibration data.  Inputs
+   that never go negative are unsigned, q in [0, 2^b-1], s = max/(2^b-1);
+   others are signed two's-complement, q in [-2^(b-1), 2^(b-1)-1],
+   s = max|x|/(2^(b-1)-1).
+Also records each layer's input spatial size seen in calibration.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from pimc.calibration import run_with_probes
+from pimc.lowering import emit_layer
+from pimc.mapping import InputQuant
+from pimc.model import PimModel
+from .base import Transformation
+
+
+def trained_input_scale(x) -> tuple[float, int, bool] | None:
+    """(scale, bits, signed) of a QDQ pair producing ``x``, if any."""
+    if len(x.inputs) != 1 or x.inputs[0].op != "DequantizeLinear":
+        return None
+    dq = x.inputs[0]
+    qv = dq.inputs[0]
+    if len(qv.inputs) != 1 or qv.inputs[0].op != "QuantizeLinear":
+        return None
+    q = qv.inputs[0]
+    try:
+        s_dq, s_q = (np.asarray(n.inputs[1].values) for n in (dq, q))
+        zps = [np.asarray(n.inputs[2].values) for n in (dq, q) if len(n.inputs) > 2]
+    except AttributeError:
+        return None
+    if s_dq.size != 1 or s_q.size != 1 or float(s_dq) != float(s_q) or any(np.any(z != 0) for z in zps):
+        return None
+    dtype = zps[0].dtype if zps else np.dtype(np.uint8)
+    if dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        return None
+    return float(s_q), 8, dtype == np.dtype(np.int8)
+
+
+class QuantizeActivations(Transformation):
+    name = "quantize_activations"
+
+    def apply(self, model: PimModel):
+        bits = model.config.input_bits
+        plans = list(model.layers.values())
+        todo = []
+        for p in plans:
+            tr = trained_input_scale(p.x)
+            if tr is not None:
+                s, b, signed = tr
+                p.input_quant = InputQuant(scale=s, bits=b, signed=signed, source="model")
+            else:
+                todo.append(p)
+        if todo or any(p.in_spatial is None and p.kind == "conv" for p in plans):
+            def probes(proto: onnx.ModelProto):
+                names = []
+                for i, p in enumerate(todo):
+                    for op in ("ReduceMin", "ReduceMax"):
+                        o = f"pimc_probe/{i}/{op}"
+                        proto.graph.node.append(onnx.helper.make_node(op, [p.x.name], [o], keepdims=0))
+                        names.append(o)
+                for i, p in enumerate(plans):
+                    o = f"pimc_probe/{i}/shape"
+                    proto.graph.node.append(onnx.helper.make_node("Shape", [p.x.name], [o + "_i"]))
+                    proto.graph.node.append(onnx.helper.make_node("Cast", [o + "_i"], [o], to=onnx.TensorProto.FLOAT))
+                    names.append(o)
+                return names
+            res = run_with_probes(model, probes)
+            for i, p in enumerate(todo):
+                lo = float(np.min(res[2 * i]))
+                hi = float(np.max(res[2 * i + 1]))
+                signed = lo < 0
+                if signed:
+                    scale = max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1) if bits > 1 else max(abs(lo), abs(hi))
+                else:
+                    scale = hi / (2 ** bits - 1)
+                if not np.isfinite(scale) or scale <= 0:
+                    scale = 1.0
+                p.input_quant = InputQuant(scale=float(np.float32(scale)), bits=bits, signed=bool(signed),
+                                           source=model.calibration.get("source", "calibration"),
+                                           observed_min=lo, observed_max=hi)
+            for i, p in enumerate(plans):
+                shp = res[2 * len(todo) + i][0].astype(int).tolist()
+                if p.kind == "conv" and len(shp) == 4:
+                    p.in_spatial = shp[2:]
+        for p in plans:
+            emit_layer(model.graph, p)
+        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return model, bool(plans)

@@ -1,0 +1,40 @@
+"""Quantize crossbar weights with one symmetric scale per output column.
+
+Accepts: a model after QuantizeActivations.
+Guarantees: every crossbar layer gets a WeightQuant: per output channel o,
+s_w[o] = max|W[o]| / (2^(b-1)-1) (1 for an all-zero column) and
+q_w = clip(round(W / s_w), -(2^(b-1)-1), 2^(b-1)-1), a symmetric range so that
+the differential magnitudes fit b-1 bits.  The layer is re-emitted as the
+digital quantized layer: ``QuantizeInput`` -> ``Conv(q_x, q_w)`` (an exact
+integer accumulator) -> ``Mul(s_x * s_w * bn_scale)`` -> ``Add(bias)``.
+This model is *the* digital quantized reference of every PIM compile.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pimc.lowering import emit_layer
+from pimc.mapping import WeightQuant
+from pimc.model import PimModel
+from .base import Transformation
+
+
+def quantize_columns(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.max(np.abs(w.reshape(w.shape[0], -1)), axis=1).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
+    q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.float32)
+    return q, scale
+
+
+class QuantizeWeights(Transformation):
+    name = "quantize_weights"
+
+    def apply(self, model: PimModel):
+        bits = model.config.weight_bits
+        for p in model.layers.values():
+            q, s = quantize_columns(p.weight, bits)
+            p.weight_quant = WeightQuant(bits=bits, q=q, scale=s)
+            emit_layer(model.graph, p)
+        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return model, bool(model.layers)

@@ -1,0 +1,109 @@
+"""Calibration data and statistics collection by running the model in onnxruntime.
+
+Calibration inputs come from ``config.calib_data`` (a .npy, or a .npz whose
+array is named ``x`` or after the model input; preprocessed exactly as the model
+expects), limited to ``config.calib_samples`` samples.  Without a file, pimc
+draws ``config.calib_samples`` (at most 64) standard-normal inputs from
+``config.seed`` and records that the ranges are synthetic: pass real data for
+real ranges.  The evaluation images must never be used here.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import PimcError
+from .io import load_array_file
+from .model import PimModel
+
+BATCH = 64
+
+
+def _graph_inputs(model: PimModel):
+    init = set()
+    return [t for t in model.graph.inputs if t.name not in init]
+
+
+def calibration_inputs(model: PimModel) -> dict[str, np.ndarray]:
+    if model.calib_inputs is not None:
+        return model.calib_inputs
+    cfg = model.config
+    inputs = _graph_inputs(model)
+    if cfg.calib_data:
+        arrays = load_array_file(cfg.calib_data, "--calib-data")
+        feed = {}
+        for t in inputs:
+            if t.name in arrays:
+                a = arrays[t.name]
+            elif len(inputs) == 1 and len(arrays) == 1:
+                a = next(iter(arrays.values()))
+            elif len(inputs) == 1 and "x" in arrays:
+                a = arrays["x"]
+            else:
+                raise PimcError(f"--calib-data: '{cfg.calib_data}' has no array for model input '{t.name}'; "
+                                f"name the arrays after the model inputs (found: {', '.join(arrays) or 'none'})")
+            feed[t.name] = _check_input(t, a[: cfg.calib_samples], cfg.calib_data)
+        source = {"source": "file", "path": str(cfg.calib_data), "samples": int(next(iter(feed.values())).shape[0])}
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        n = min(cfg.calib_samples, 64)
+        feed = {}
+        for t in inputs:
+            shape = t.shape
+            if shape is None or any(not isinstance(d, int) for d in list(shape)[1:]):
+                raise PimcError(f"model input '{t.name}' has dynamic sizes {list(shape) if shape else '?'}: "
+                                f"synthetic calibration needs static sizes; pass --calib-data with real inputs")
+            if np.dtype(t.dtype) != np.float32:
+                raise PimcError(f"model input '{t.name}' is {np.dtype(t.dtype)}: pass --calib-data with real inputs")
+            feed[t.name] = rng.standard_normal((n, *shape[1:])).astype(np.float32)
+        source = {"source": "synthetic", "distribution": "N(0,1)", "seed": cfg.seed, "samples": n}
+        print(f"pimc: warning: no --calib-data: activation ranges calibrated on {n} synthetic N(0,1) inputs; "
+              f"pass --calib-data with real (training) inputs for real ranges", file=sys.stderr)
+    model.calib_inputs = feed
+    model.calibration = source
+    return feed
+
+
+def _check_input(t, a: np.ndarray, path) -> np.ndarray:
+    want = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+    if a.dtype != want:
+        if np.issubdtype(a.dtype, np.number) and want == np.float32:
+            a = a.astype(np.float32)
+        else:
+            raise PimcError(f"--calib-data: '{path}' holds {a.dtype}, model input '{t.name}' wants {want}")
+    shape = t.shape
+    if shape is not None:
+        if a.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(list(shape)[1:], a.shape[1:])):
+            raise PimcError(f"--calib-data: '{path}' has shape {list(a.shape)}, model input '{t.name}' wants "
+                            f"{list(shape)}; preprocess the data into the model's input layout")
+    if a.shape[0] == 0:
+        raise PimcError(f"--calib-data: '{path}' holds no samples")
+    return a
+
+
+def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
+    """Run the model on the calibration inputs with extra output tensors.
+
+    ``probes(proto) -> list[str]`` adds nodes to the exported proto and returns
+    the names of tensors to fetch.  Returns, per probe tensor, the list of
+    per-batch values.
+    """
+    feed = calibration_inputs(model)
+    proto = model.to_onnx()
+    names = probes(proto)
+    del proto.graph.output[:]
+    for n in names:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    n = next(iter(feed.values())).shape[0]
+    out: list[list[np.ndarray]] = [[] for _ in names]
+    for i in range(0, n, BATCH):
+        res = sess.run(names, {k: v[i:i + BATCH] for k, v in feed.items()})
+        for j, r in enumerate(res):
+            out[j].append(r)
+    return out

@@ -1,0 +1,197 @@
+"""Compile configuration: defaults, presets, hardware TOML files, validation.
+
+Precedence, lowest first: built-in defaults < ``--preset`` < ``--hw FILE.toml``
+< options given explicitly on the command line (or keyword arguments in Python).
+
+The hardware file format is documented in README.md ("Hardware description
+files"); its keys are the CLI option names with ``-`` written as ``_``, grouped
+in the tables ``[array]``, ``[adc]``, ``[quant]`` and ``[mapping]`` (the table a
+key sits in is for readability only; a key is accepted in any table or at top
+level).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PimcError
+
+SCHEMES = ("float", "digital", "native", "differential", "bit-serial", "bit-serial+differential")
+TILE_MODES = ("channel", "row")
+ADC_RANGES = ("full", "calibrated")
+FOLD_BN = ("weights", "output")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything that determines a compiled model.  Recorded in its metadata."""
+
+    scheme: str = "differential"
+    adc_bits: int = 6
+    array_rows: int = 128
+    array_cols: int = 128
+    weight_bits: int = 8
+    input_bits: int = 8
+    cell_bits: int = 0  # weight bits per cell; 0 = the whole weight (or its magnitude) in one cell
+    tile_mode: str = "channel"
+    adc_range: str = "full"
+    calib_data: str | None = None
+    calib_samples: int = 256
+    fold_bn: str = "weights"
+    seed: int = 0
+    preset: str | None = None
+
+    # ---- derived views -------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != "float"
+
+    @property
+    def pim(self) -> bool:
+        return self.scheme not in ("float", "digital")
+
+    @property
+    def bit_serial_inputs(self) -> bool:
+        return self.scheme.startswith("bit-serial")
+
+    @property
+    def differential_weights(self) -> bool:
+        return self.scheme.endswith("differential")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict) -> "CompileConfig":
+        known = {f.name for f in dataclasses.fields(CompileConfig)}
+        return CompileConfig(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **kw) -> "CompileConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# Presets: name -> (description, overrides).  N is the number of rows summed per
+# ADC conversion (the array height used by channel-aligned 3x3 tiles).
+PRESETS: dict[str, tuple[str, dict]] = {
+    "pimqat-native": (
+        "PIM-QAT native scheme: 4-bit weights and inputs in one cell, N=9 (one 3x3 input channel per conversion), 7-bit ADC",
+        dict(scheme="native", array_rows=9, array_cols=128, weight_bits=4, input_bits=4, adc_bits=7, cell_bits=0, tile_mode="channel"),
+    ),
+    "pimqat-differential": (
+        "PIM-QAT differential scheme: 4-bit weights split into positive/negative columns, N=144, 7-bit ADC",
+        dict(scheme="differential", array_rows=144, array_cols=128, weight_bits=4, input_bits=4, adc_bits=7, cell_bits=0, tile_mode="channel"),
+    ),
+    "pimqat-bit-serial": (
+        "PIM-QAT bit-serial scheme: 4-bit inputs applied one bit at a time, 4-bit weights, N=144, 7-bit ADC",
+        dict(scheme="bit-serial", array_rows=144, array_cols=128, weight_bits=4, input_bits=4, adc_bits=7, cell_bits=0, tile_mode="channel"),
+    ),
+    "columnquant-128": (
+        "ColumnQuant-style: 128-row differential arrays, channel-aligned tiles, column-wise ADC scales calibrated from data, 4-bit weights and inputs, 5-bit ADC",
+        dict(scheme="differential", array_rows=128, array_cols=128, weight_bits=4, input_bits=4, adc_bits=5, cell_bits=0, tile_mode="channel", adc_range="calibrated"),
+    ),
+}
+
+HW_TABLES = ("array", "adc", "quant", "mapping", "calibration")
+
+
+def _field_types() -> dict[str, type]:
+    out = {}
+    for f in dataclasses.fields(CompileConfig):
+        t = f.type if isinstance(f.type, str) else f.type.__name__
+        out[f.name] = int if t.startswith("int") else str
+    return out
+
+
+def load_hw_file(path: str | Path) -> dict:
+    """Read a hardware description TOML file into config overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise PimcError(f"--hw: hardware file '{p}' not found; give the path of a TOML file (format in README.md)")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PimcError(f"--hw: '{p}' is not valid TOML: {e}")
+    flat: dict = {}
+    for key, val in doc.items():
+        if isinstance(val, dict):
+            if key not in HW_TABLES:
+                raise PimcError(f"--hw: '{p}': unknown table [{key}]; known tables: {', '.join(HW_TABLES)}")
+            items = val.items()
+        else:
+            items = [(key, val)]
+        for k, v in items:
+            k = k.replace("-", "_")
+            if k in ("preset",):
+                raise PimcError(f"--hw: '{p}': key '{k}' is not allowed in a hardware file; pass --preset on the command line")
+            flat[k] = v
+    types = _field_types()
+    for k, v in flat.items():
+        if k not in types:
+            raise PimcError(f"--hw: '{p}': unknown key '{k}'; known keys: {', '.join(sorted(types))}")
+        want = types[k]
+        if want is int and (not isinstance(v, int) or isinstance(v, bool)):
+            raise PimcError(f"--hw: '{p}': key '{k}' must be an integer, got {v!r}")
+        if want is str and not isinstance(v, str):
+            raise PimcError(f"--hw: '{p}': key '{k}' must be a string, got {v!r}")
+    if "calib_data" in flat:
+        flat["calib_data"] = str((p.parent / flat["calib_data"]).resolve()) if not Path(flat["calib_data"]).is_absolute() else flat["calib_data"]
+    return flat
+
+
+def build_config(preset: str | None = None, hw: str | Path | None = None, **explicit) -> CompileConfig:
+    """Merge defaults, a preset, a hardware file and explicit options; validate."""
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise PimcError(f"--preset: unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset][1])
+        values["preset"] = preset
+    if hw is not None:
+        values.update(load_hw_file(hw))
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    cfg = CompileConfig.from_dict(values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CompileConfig) -> None:
+    """Reject values and combinations that cannot be compiled, naming the option."""
+    def need(cond, msg):
+        if not cond:
+            raise PimcError(msg)
+
+    need(cfg.scheme in SCHEMES, f"--scheme: '{cfg.scheme}' is not a scheme; choose one of: {', '.join(SCHEMES)}")
+    need(cfg.tile_mode in TILE_MODES, f"--tile-mode: '{cfg.tile_mode}' is not one of: {', '.join(TILE_MODES)}")
+    need(cfg.adc_range in ADC_RANGES, f"--adc-range: '{cfg.adc_range}' is not one of: {', '.join(ADC_RANGES)}")
+    need(cfg.fold_bn in FOLD_BN, f"--fold-bn: '{cfg.fold_bn}' is not one of: {', '.join(FOLD_BN)}")
+    need(2 <= cfg.weight_bits <= 16, f"--weight-bits: {cfg.weight_bits} is out of range; use 2..16")
+    need(1 <= cfg.input_bits <= 16, f"--input-bits: {cfg.input_bits} is out of range; use 1..16")
+    need(1 <= cfg.adc_bits <= 16, f"--adc-bits: {cfg.adc_bits} is out of range; use 1..16")
+    need(1 <= cfg.array_rows <= 65536, f"--array-rows: {cfg.array_rows} is out of range; use 1..65536")
+    need(1 <= cfg.array_cols <= 65536, f"--array-cols: {cfg.array_cols} is out of range; use 1..65536")
+    need(cfg.calib_samples >= 1, f"--calib-samples: {cfg.calib_samples} must be at least 1")
+    need(cfg.cell_bits >= 0, f"--cell-bits: {cfg.cell_bits} must be >= 0 (0 = whole weight in one cell)")
+    mag = cfg.weight_bits - 1 if cfg.differential_weights else cfg.weight_bits
+    need(cfg.cell_bits <= mag, f"--cell-bits: {cfg.cell_bits} exceeds the {mag} bits a "
+         f"{'differential weight magnitude' if cfg.differential_weights else 'weight'} has with --weight-bits {cfg.weight_bits}; use 0..{mag}")
+    if cfg.input_bits == 1 and not cfg.bit_serial_inputs:
+        pass
+    if cfg.scheme == "float":
+        # a float compile quantizes nothing; silently ignoring PIM options would mislead
+        need(cfg.adc_range == "full", "--adc-range calibrated has no effect with --scheme float; drop it or pick a PIM scheme")
+    if cfg.scheme in ("float", "digital"):
+        need(cfg.cell_bits == 0, f"--cell-bits has no effect with --scheme {cfg.scheme}; drop it or pick a PIM scheme")
+    # exactness of float32 partial sums: |s| must stay below 2^24
+    need(cfg.weight_bits + cfg.input_bits <= 24, "--weight-bits + --input-bits must be at most 24 so that float32 partial sums stay exact")
+    if cfg.calib_data is not None and not Path(cfg.calib_data).is_file():
+        raise PimcError(f"--calib-data: file '{cfg.calib_data}' not found; give a .npy or .npz of preprocessed model inputs")
+
+
+def describe_presets() -> str:
+    return "\n".join(f"{k}: {v[0]}" for k, v in PRESETS.items())

@@ -1,0 +1,190 @@
+"""Emit a crossbar layer's ONNX nodes from its :class:`~pimc.mapping.LayerPlan`.
+
+The passes decide (fill in the plan); this module only writes what the plan
+says, at whatever stage the plan is:
+
+* float:         ``Conv(x, W, b)`` (+ kept BN affine)
+* A-quantized:   ``QuantizeInput`` -> ``Mul(s_x)`` -> float Conv
+* digital:       ``QuantizeInput`` -> ``Conv(q_x, q_w)`` -> ``Mul(out_scale)`` -> ``Add(out_bias)``
+* tiled:         ... -> ``Pad``/``Gather`` (tile channels) -> ``Conv(group=G*T)``
+                 -> ``Reshape`` -> ``ReduceSum`` (over tiles) -> ...
+* sliced:        ``BitPlanes`` before the gather, slice weights in the conv,
+                 ``Mul(coef)`` before the ``ReduceSum`` over planes, tiles, slices
+* with ADC:      ``AdcQuantize`` between the array conv and the recombination
+
+"fc" layers (Gemm, MatMul) are the 1x1-conv case: their input is reshaped to
+(-1, K, 1, 1) first and back to (..., N) at the end.
+The integer accumulator before ``Mul(out_scale)`` holds integer values exactly
+(float32, |acc| < 2^24) in every stage without an ADC, so the digital, tiled
+and sliced stages produce bit-identical outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .mapping import LayerPlan
+from pimc.runtime.ops import DOMAIN
+
+
+class _Emitter:
+    def __init__(self, plan: LayerPlan):
+        self.plan = plan
+        self.prefix = f"{plan.name}/pimc/"
+        self.nodes: list[gs.Node] = []
+
+    def const(self, name: str, value) -> gs.Constant:
+        return gs.Constant(self.prefix + name, np.ascontiguousarray(value))
+
+    def op(self, op: str, inputs, name: str, attrs=None, domain: str | None = None, out=None) -> gs.Variable:
+        y = out if out is not None else gs.Variable(self.prefix + name + ":0")
+        node = gs.Node(op=op, name=self.prefix + name, inputs=list(inputs), outputs=[y], attrs=dict(attrs or {}))
+        if domain:
+            node.domain = domain
+        self.nodes.append(node)
+        return y
+
+    def conv_attrs(self, group: int) -> dict:
+        p = self.plan
+        kh, kw = p.kernel
+        a = {"kernel_shape": [kh, kw], "strides": list(p.strides), "dilations": list(p.dilations), "group": int(group)}
+        if p.auto_pad and p.auto_pad != "NOTSET":
+            a["auto_pad"] = p.auto_pad
+        else:
+            a["pads"] = list(p.pads)
+        return a
+
+
+def float_affine(plan: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-column (scale, shift) applied after the MACs: kept BN and bias."""
+    cout = plan.cout
+    bias = plan.bias if plan.bias is not None else np.zeros(cout, np.float32)
+    if plan.bn_output is not None:
+        s, t = plan.bn_output
+        return s.astype(np.float32), (bias * s + t).astype(np.float32)
+    return np.ones(cout, np.float32), (plan.bias.astype(np.float32) if plan.bias is not None else None)
+
+
+def emit_layer(graph: gs.Graph, plan: LayerPlan) -> None:
+    """Replace the layer's current nodes in ``graph`` by those its plan describes."""
+    for n in plan.nodes:
+        n.inputs.clear()
+        n.outputs.clear()
+    old = set(id(n) for n in plan.nodes)
+    graph.nodes = [n for n in graph.nodes if id(n) not in old]
+    em = _Emitter(plan)
+    _build(em, plan)
+    graph.nodes.extend(em.nodes)
+    plan.nodes = em.nodes
+
+
+def _build(em: _Emitter, p: LayerPlan) -> None:
+    x = p.x
+    if p.kind == "fc":
+        k = p.rows_per_column
+        x = em.op("Reshape", [x, em.const("in_shape", np.array([-1, k, 1, 1], np.int64))], "to_4d")
+    final = p.y if p.kind == "conv" else None
+    scale, shift = float_affine(p)
+
+    if p.input_quant is None or p.weight_quant is None:
+        h = x
+        if p.input_quant is not None:
+            iq = p.input_quant
+            q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], "q_in",
+                      {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
+            h = em.op("Mul", [q, em.const("in_scale_deq", np.float32(iq.scale))], "x_fakequant")
+        need_affine = p.bn_output is not None
+        ins = [h, em.const("weight", p.weight.astype(np.float32))]
+        if not need_affine and p.bias is not None:
+            ins.append(em.const("bias", p.bias.astype(np.float32)))
+        y = em.op("Conv", ins, "conv", em.conv_attrs(p.group), out=None if need_affine else final)
+        if need_affine:
+            y = em.op("Mul", [y, em.const("bn_scale", scale.reshape(1, -1, 1, 1))], "bn_mul")
+            y = em.op("Add", [y, em.const("bn_shift", shift.reshape(1, -1, 1, 1))], "bn_add", out=final)
+    else:
+        iq, wq = p.input_quant, p.weight_quant
+        q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], "q_in",
+                  {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
+        acc = _integer_core(em, p, q)
+        out_scale = (np.float32(iq.scale) * wq.scale.astype(np.float32) * scale).astype(np.float32)
+        has_shift = shift is not None and np.any(shift != 0)
+        y = em.op("Mul", [acc, em.const("out_scale", out_scale.reshape(1, -1, 1, 1))], "dequantize",
+                  out=None if has_shift else final)
+        if has_shift:
+            y = em.op("Add", [y, em.const("out_bias", shift.reshape(1, -1, 1, 1))], "bias", out=final)
+
+    if p.kind == "fc":
+        lead = em.op("Shape", [p.x], "lead_shape", {"start": 0, "end": -1})
+        shape = em.op("Concat", [lead, em.const("n_out", np.array([p.cout], np.int64))], "out_shape", {"axis": 0})
+        em.op("Reshape", [y, shape], "to_nd", out=p.y)
+
+
+def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
+    """Integer accumulator (B, Cout, H, W) from integer inputs ``q``."""
+    wq = p.weight_quant
+    if p.tiling is None:
+        return em.op("Conv", [q, em.const("weight_q", wq.q.astype(np.float32))], "mac", em.conv_attrs(p.group))
+
+    tp, sp = p.tiling, p.slicing
+    g, T, cin_g, cout_g = p.group, tp.tiles, p.cin_g, p.cout_g
+    P = sp.planes if sp else 1
+    h = q
+    if sp is not None and sp.planes > 1:
+        iq = p.input_quant
+        h = em.op("BitPlanes", [h], "planes", {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
+
+    # channels each tile reads: local channel c of group gi is global gi*cin_g + c;
+    # padding slots read an appended zero channel (index Cin)
+    cin = g * cin_g
+    idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.channel[t]] for gi in range(g) for t in range(T)],
+                   np.int64).reshape(-1)
+    if not np.array_equal(idx, np.arange(cin)):
+        if np.any(idx == cin):
+            h = em.op("Pad", [h, em.const("pad_channel", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))], "pad_channel")
+        h = em.op("Gather", [h, em.const("tile_channels", idx)], "tile_gather", {"axis": 1})
+
+    S = p.n_slices
+    s = em.op("Conv", [h, em.const("array_weight", array_weights(p))], "array_mac", em.conv_attrs(g * T))
+
+    if p.adc is not None:
+        ad = p.adc
+        s = em.op("AdcQuantize", [s, em.const("adc_scale", ad.scale.astype(np.float32).reshape(1, -1, 1, 1)),
+                                  em.const("adc_zero_point", ad.zero_point.astype(np.float32).reshape(1, -1, 1, 1))],
+                  "adc", {"bits": ad.bits}, DOMAIN)
+
+    if P == 1 and S == 1 and T == 1:
+        return s  # one column per output channel already
+    spatial = em.op("Shape", [s], "spatial_shape", {"start": 2})
+    split = em.op("Concat", [em.const("split_dims", np.array([P, -1, g, T, S, cout_g], np.int64)), spatial],
+                  "split_shape", {"axis": 0})
+    r = em.op("Reshape", [s, split], "split_columns")
+    coef = np.ones((P, S), np.float32)
+    if sp is not None:
+        coef = np.outer(sp.plane_coef, sp.slice_coef).astype(np.float32)
+    if np.any(coef != 1):
+        r = em.op("Mul", [r, em.const("recombine_coef", coef.reshape(P, 1, 1, 1, S, 1, 1, 1))], "shift")
+    acc = em.op("ReduceSum", [r, em.const("sum_axes", np.array([0, 3, 4], np.int64))], "recombine", {"keepdims": 0})
+    merged = em.op("Concat", [em.const("merge_dims", np.array([-1, g * cout_g], np.int64)), spatial],
+                   "merge_shape", {"axis": 0})
+    return em.op("Reshape", [acc, merged], "merge_groups")
+
+
+def array_weights(p: LayerPlan) -> np.ndarray:
+    """Cell values of every array column: (G*T*S*cout_g, m, kh, kw).
+
+    Column order (group, tile, slice, out_channel); row j of a tile holds local
+    input channel ``tiling.channel[t, j]`` (zero for padding slots and for
+    kernel rows of another tile in row mode).
+    """
+    tp, sp, wq = p.tiling, p.slicing, p.weight_quant
+    slices = sp.weights if sp is not None else wq.q[None]
+    g, T, S, cout_g = p.group, tp.tiles, slices.shape[0], p.cout_g
+    kh, kw = p.kernel
+    wt = np.zeros((g, T, S, cout_g, tp.width, kh, kw), np.float32)
+    for gi in range(g):
+        rows = slice(gi * cout_g, (gi + 1) * cout_g)
+        for t in range(T):
+            for j, c in enumerate(tp.channel[t]):
+                if c >= 0:
+                    wt[gi, t, :, :, j] = slices[:, rows, c] * tp.mask[t, j]
+    return wt.reshape(g * T * S * cout_g, tp.width, kh, kw)

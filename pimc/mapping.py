@@ -1,0 +1,240 @@
+"""Per-layer mapping records: what each pass decided for a crossbar layer.
+
+A :class:`LayerPlan` is filled in stage by stage (quantize activations, quantize
+weights, tile, slice, ADC) and is the single source from which
+:mod:`pimc.lowering` emits the layer's ONNX nodes.  Its JSON form (``to_record``)
+is the machine-readable mapping stored in the compiled model's metadata under
+``pimc.mapping``: the contract read by the runtime, the reports and the
+retraining hook.  Field meanings are documented in docs/IR.md ("Mapping").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+
+@dataclass
+class InputQuant:
+    scale: float
+    bits: int
+    signed: bool
+    source: str  # "calibration" | "synthetic" | "model"
+    observed_min: float = 0.0
+    observed_max: float = 0.0
+
+
+@dataclass
+class WeightQuant:
+    bits: int
+    q: np.ndarray       # integer-valued float32, same shape as the float weight
+    scale: np.ndarray   # (Cout,) one scale per output column
+
+
+@dataclass
+class TilePlan:
+    mode: str
+    rows: int                  # array rows R
+    cols: int                  # array columns C
+    tiles: int                 # T row tiles per group
+    width: int                 # m input channels gathered per tile
+    channel: np.ndarray        # (T, m) local input channel of each tile slot, -1 = padding
+    mask: np.ndarray           # (T, m, kh, kw) 1 where the weight row lies on this tile
+    rows_used: list[int]       # weight rows actually on each tile
+
+
+@dataclass
+class SlicePlan:
+    planes: int                # P input slices (bit planes); 1 = multi-bit inputs
+    plane_coef: np.ndarray     # (P,) recombination weight of each plane
+    input_range: tuple[float, float]   # value range of one input slice
+    slice_names: list[str]     # e.g. ["pos.c0", "neg.c0"] or ["c0", "c1"]
+    slice_coef: np.ndarray     # (S,) recombination weight of each weight slice
+    cell_range: tuple[int, int]  # value range of one weight cell
+    weights: np.ndarray        # (S, Cout, cin_g, kh, kw) integer slice weights
+
+
+@dataclass
+class AdcPlan:
+    bits: int
+    range: str                 # "full" | "calibrated"
+    scale: np.ndarray          # (ncols,) step Delta per column
+    zero_point: np.ndarray     # (ncols,) integer zero point per column
+    s_min: np.ndarray          # (ncols,) range the scale was derived from
+    s_max: np.ndarray
+
+
+@dataclass
+class LayerPlan:
+    name: str                  # the original node's name
+    op_type: str               # Conv | Gemm | MatMul
+    kind: str                  # "conv" (NCHW) or "fc" (..., K) viewed as 1x1 conv
+    x: object                  # gs.Variable: layer input
+    y: object                  # gs.Variable: layer output
+    weight: np.ndarray         # float32 (Cout, cin_g, kh, kw)
+    bias: np.ndarray | None    # float32 (Cout,) or None
+    group: int = 1
+    strides: list[int] = field(default_factory=lambda: [1, 1])
+    pads: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    dilations: list[int] = field(default_factory=lambda: [1, 1])
+    auto_pad: str = "NOTSET"
+    bn_output: tuple[np.ndarray, np.ndarray] | None = None  # (scale, shift) kept after the array
+    folded_bn: str | None = None
+    in_spatial: list[int] | None = None   # input H, W seen (static shape or calibration)
+    input_quant: InputQuant | None = None
+    weight_quant: WeightQuant | None = None
+    tiling: TilePlan | None = None
+    slicing: SlicePlan | None = None
+    adc: AdcPlan | None = None
+    nodes: list = field(default_factory=list)   # gs.Node objects currently emitted
+
+    # ---- shapes ----------------------------------------------------------
+    @property
+    def cout(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def cin_g(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def cout_g(self) -> int:
+        return self.cout // self.group
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+    @property
+    def rows_per_column(self) -> int:
+        """K: weight rows one output column sums in the unsplit layer."""
+        kh, kw = self.kernel
+        return self.cin_g * kh * kw
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slicing.slice_names) if self.slicing else 1
+
+    @property
+    def n_planes(self) -> int:
+        return self.slicing.planes if self.slicing else 1
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tiling.tiles if self.tiling else 1
+
+    @property
+    def n_columns(self) -> int:
+        """Array columns (one ADC each per conversion) over all tiles and slices."""
+        return self.group * self.n_tiles * self.n_slices * self.cout_g
+
+    def out_spatial(self) -> list[int] | None:
+        if self.kind == "fc":
+            return [1, 1]
+        if not self.in_spatial:
+            return None
+        kh, kw = self.kernel
+        out = []
+        for i, (n, k) in enumerate(zip(self.in_spatial, (kh, kw))):
+            s, d = self.strides[i], self.dilations[i]
+            if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                out.append(math.ceil(n / s))
+            else:
+                pad = 0 if self.auto_pad == "VALID" else self.pads[i] + self.pads[i + 2]
+                out.append((n + pad - d * (k - 1) - 1) // s + 1)
+        return out
+
+    # ---- array assignment -------------------------------------------------
+    def arrays(self) -> list[dict]:
+        """One entry per physical array: group, tile, column range, rows used.
+
+        Each (group, tile) gets its own arrays; its S*cout_g columns fill
+        ceil(S*cout_g / C) arrays left to right.  Groups are not packed
+        together on one array.
+        """
+        if not self.tiling:
+            return []
+        C = self.tiling.cols
+        ncols_tile = self.n_slices * self.cout_g
+        out = []
+        for g in range(self.group):
+            for t in range(self.tiling.tiles):
+                for a in range(math.ceil(ncols_tile / C)):
+                    c0 = a * C
+                    out.append({"array": len(out), "group": g, "tile": t,
+                                "rows": [0, int(self.tiling.rows_used[t])],
+                                "cols": [c0, int(min(c0 + C, ncols_tile))]})
+        return out
+
+    def to_record(self) -> dict:
+        """The JSON-able mapping record of this layer."""
+        kh, kw = self.kernel
+        rec = {
+            "name": self.name, "op_type": self.op_type, "kind": self.kind,
+            "input": self.x.name, "output": self.y.name,
+            "cout": self.cout, "cin_per_group": self.cin_g, "group": self.group,
+            "kernel": [kh, kw], "strides": list(self.strides), "pads": list(self.pads),
+            "dilations": list(self.dilations), "auto_pad": self.auto_pad,
+            "rows_per_column": self.rows_per_column,
+            "bn": ("folded into " + self.folded_bn) if self.folded_bn else None,
+            "output_spatial": self.out_spatial(),
+        }
+        if self.input_quant:
+            iq = self.input_quant
+            rec["input_quant"] = {"scale": float(iq.scale), "bits": iq.bits, "signed": bool(iq.signed),
+                                  "source": iq.source, "observed_min": float(iq.observed_min),
+                                  "observed_max": float(iq.observed_max)}
+        if self.weight_quant:
+            wq = self.weight_quant
+            rec["weight_quant"] = {"bits": wq.bits, "granularity": "column",
+                                   "scale_tensor": f"{self.name}/pimc/out_scale",
+                                   "scales": [float(v) for v in wq.scale]}
+        if self.tiling:
+            tp = self.tiling
+            arrays = self.arrays()
+            used = sum((a["rows"][1]) * (a["cols"][1] - a["cols"][0]) for a in arrays)
+            rec["tiling"] = {"mode": tp.mode, "array_rows": tp.rows, "array_cols": tp.cols,
+                             "tiles_per_group": tp.tiles, "channels_per_tile": tp.width,
+                             "rows_used": [int(r) for r in tp.rows_used],
+                             "tile_channels": tp.channel.tolist(),
+                             "arrays": arrays, "n_arrays": len(arrays),
+                             "utilization": used / (len(arrays) * tp.rows * tp.cols) if arrays else 0.0}
+        if self.slicing:
+            sp = self.slicing
+            rec["slicing"] = {"planes": sp.planes, "plane_coef": [float(v) for v in sp.plane_coef],
+                              "input_slice_range": [float(v) for v in sp.input_range],
+                              "weight_slices": sp.slice_names,
+                              "slice_coef": [float(v) for v in sp.slice_coef],
+                              "cell_range": [int(v) for v in sp.cell_range],
+                              "column_order": ["group", "tile", "slice", "out_channel"]}
+        if self.adc:
+            ad = self.adc
+            rec["adc"] = {"bits": ad.bits, "range": ad.range, "columns": self.n_columns,
+                          "scale_tensor": f"{self.name}/pimc/adc_scale",
+                          "zero_point_tensor": f"{self.name}/pimc/adc_zero_point",
+                          "lossless_columns": int(np.sum((ad.scale == 1.0) & (ad.s_max - ad.s_min + 1 <= 2 ** ad.bits)))}
+        if self.tiling:
+            sp = self.out_spatial()
+            per_pixel = self.n_planes * self.n_columns
+            rec["conversions_per_output_pixel"] = per_pixel
+            rec["conversions_per_inference"] = per_pixel * int(np.prod(sp)) if sp else None
+        return rec
+
+
+def layer_graph(model_proto) -> nx.DiGraph:
+    """Op-level dataflow graph of an ONNX model (node name -> node name)."""
+    g = nx.DiGraph()
+    producer = {}
+    for i, n in enumerate(model_proto.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        g.add_node(name, op_type=n.op_type, domain=n.domain)
+        for o in n.output:
+            producer[o] = name
+    for i, n in enumerate(model_proto.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        for t in n.input:
+            if t in producer:
+                g.add_edge(producer[t], name, tensor=t)
+    return g

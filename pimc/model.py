@@ -1,0 +1,72 @@
+"""The one object that travels through the compiler.
+
+:class:`PimModel` wraps the graph being compiled (an onnx-graphsurgeon graph),
+the compile config, the crossbar layers claimed so far with their plans, and
+the list of ops kept digital.  Every pass takes a PimModel and returns it;
+:meth:`to_onnx` gives a complete, runnable ONNX model at any stage (the IR ops
+used come with their function bodies, the metadata with the mapping so far).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__
+from .config import CompileConfig
+from .mapping import LayerPlan
+from pimc.runtime.ops import DOMAIN, DOMAIN_VERSION, OPS, function_protos
+
+IR_VERSION_MAX = 10  # onnxruntime 1.20+ reads IR 10; models written by pimc use it
+
+
+@dataclass
+class PimModel:
+    graph: gs.Graph
+    config: CompileConfig
+    opset: int
+    source: str = "<memory>"
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    digital_ops: list[dict] = field(default_factory=list)   # {"node", "op_type", "reason"}
+    notes: list[str] = field(default_factory=list)          # facts for the report (e.g. calibration source)
+    calibration: dict = field(default_factory=dict)         # where calibration data came from (recorded)
+    calib_inputs: dict | None = None                         # name -> array, loaded once (not recorded)
+    stage: str = "imported"
+
+    def mapping(self) -> dict:
+        return {
+            "pimc_version": __version__,
+            "domain": DOMAIN, "domain_version": DOMAIN_VERSION,
+            "stage": self.stage,
+            "layers": [p.to_record() for p in self.layers.values()],
+            "digital_ops": self.digital_ops,
+            "calibration": self.calibration,
+            "notes": self.notes,
+        }
+
+    def to_onnx(self) -> onnx.ModelProto:
+        g = self.graph.cleanup().toposort()
+        g.opset = self.opset
+        used = sorted({n.op for n in g.nodes if n.domain == DOMAIN})
+        # functions carried in from the source model stay; ours are re-attached
+        g.functions = [f for f in g.functions if f.domain != DOMAIN]
+        model = gs.export_onnx(g, do_type_check=False)
+        if used:
+            model.functions.extend(function_protos(used))
+        opsets = {o.domain: o.version for o in model.opset_import}
+        opsets[""] = self.opset
+        if used:
+            opsets[DOMAIN] = DOMAIN_VERSION
+        del model.opset_import[:]
+        model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items()))
+        model.ir_version = IR_VERSION_MAX
+        model.producer_name = "pimc"
+        model.producer_version = __version__
+        meta = {"pimc.version": __version__, "pimc.config": self.config.to_json(),
+                "pimc.mapping": json.dumps(self.mapping(), sort_keys=True), "pimc.stage": self.stage}
+        del model.metadata_props[:]
+        for k, v in meta.items():
+            model.metadata_props.add(key=k, value=v)
+        return model

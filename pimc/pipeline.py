@@ -1,0 +1,115 @@
+"""The ordered pass list, with dumping and checking of every intermediate model.
+
+``compile_model`` runs, by scheme:
+
+=======================  ====================================================
+float                    import_model, select_crossbar_layers, fold_batchnorm
+digital                  ... + quantize_activations, quantize_weights
+PIM schemes              ... + tile_crossbars, split_slices, insert_adc
+=======================  ====================================================
+
+and always ``finalize_ir`` last.  With ``dump_dir`` each intermediate model is
+saved as ``NN_<pass>.onnx`` (runnable, with the mapping so far in its
+metadata).  With ``verify`` each intermediate is checked with onnx.checker and
+run on (up to 8) calibration samples; passes marked exact must reproduce the
+previous model's outputs bit for bit, or compilation stops with an error.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .config import CompileConfig, build_config
+from .errors import PimcError
+from .io import load_onnx, save_onnx_atomic
+from .model import PimModel
+from pimc import passes as P
+
+
+def pass_list(cfg: CompileConfig) -> list:
+    steps = [P.ImportModel(), P.SelectCrossbarLayers(), P.FoldBatchNorm()]
+    if cfg.quantized:
+        steps += [P.QuantizeActivations(), P.QuantizeWeights()]
+    if cfg.pim:
+        steps += [P.TileCrossbars(), P.SplitSlices(), P.InsertAdc()]
+    steps.append(P.FinalizeIR())
+    return steps
+
+
+@dataclass
+class CompileResult:
+    model: onnx.ModelProto
+    pim: PimModel
+    timings: dict = field(default_factory=dict)
+    verification: list = field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        save_onnx_atomic(self.model, path)
+
+    @property
+    def mapping(self) -> dict:
+        return self.pim.mapping()
+
+
+def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str | Path | None = None,
+                  verify: bool = False, log=None, **options) -> CompileResult:
+    """Compile an ONNX model (path or ModelProto) to the PIM IR.
+
+    ``config`` is a CompileConfig; or give ``preset=``, ``hw=`` and option
+    keywords (``scheme=``, ``adc_bits=``, ...) as for ``build_config``.
+    """
+    if config is None:
+        config = build_config(**options)
+    elif options:
+        raise PimcError("give either a CompileConfig or option keywords, not both")
+    if isinstance(model, (str, Path)):
+        source = str(model)
+        proto = load_onnx(model)
+    else:
+        source, proto = "<memory>", model
+    from .passes_support import new_pim_model
+    pm = new_pim_model(proto, config, source)
+    if dump_dir is not None:
+        dump_dir = Path(dump_dir)
+        dump_dir.mkdir(parents=True, exist_ok=True)
+    timings, checks = {}, []
+    prev_out = None
+    steps = pass_list(config)
+    for i, step in enumerate(steps):
+        t0 = time.perf_counter()
+        pm, _ = step.apply(pm)
+        pm.stage = step.name if step.name != "finalize_ir" else "final"
+        timings[step.name] = time.perf_counter() - t0
+        if log:
+            log(f"pass {i + 1}/{len(steps)} {step.name}: {timings[step.name]:.2f} s")
+        if dump_dir is not None or verify:
+            proto_i = pm.to_onnx()
+            if dump_dir is not None:
+                save_onnx_atomic(proto_i, dump_dir / f"{i:02d}_{step.name}.onnx")
+            if verify:
+                onnx.checker.check_model(proto_i)
+                out = _run_probe(pm, proto_i)
+                entry = {"pass": step.name, "exact": step.exact}
+                if prev_out is not None:
+                    diff = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(out, prev_out))
+                    entry["max_abs_change"] = diff
+                    if step.exact and diff != 0.0:
+                        raise PimcError(f"internal error: pass '{step.name}' must not change outputs but changed "
+                                        f"them by up to {diff:g}; please report it with the input model")
+                checks.append(entry)
+                prev_out = out
+    final = pm.to_onnx()
+    return CompileResult(model=final, pim=pm, timings=timings, verification=checks)
+
+
+def _run_probe(pm: PimModel, proto: onnx.ModelProto) -> list[np.ndarray]:
+    from pimc.runtime.session import open_session
+    from .calibration import calibration_inputs
+    feed = {k: v[:8] for k, v in calibration_inputs(pm).items()}
+    sess = open_session(proto)
+    return sess.run(None, feed)
