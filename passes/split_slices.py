@@ -79,7 +79,8 @@ class SplitSlices(Transformation):
             else:
                 planes, pcoef, rng = 1, np.ones(1, np.float32), input_range(iq.bits, int(iq.signed))
             p.slicing = SlicePlan(planes=planes, plane_coef=pcoef, input_range=rng, slice_names=names,
-                                  slice_coef=coef, cell_range=cell_range, weights=w)
+                                  slice_coef=coef, cell_range=cell_range, weights=w,
+                                  bit_serial=cfg.bit_serial_inputs)
             emit_layer(model.graph, p)
         model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, bool(model.layers)

@@ -129,7 +129,7 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
     g, T, cin_g, cout_g = p.group, tp.tiles, p.cin_g, p.cout_g
     P = sp.planes if sp else 1
     h = q
-    if sp is not None and sp.planes > 1:
+    if sp is not None and sp.bit_serial:
         iq = p.input_quant
         h = em.op("BitPlanes", [h], "planes", {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
 
@@ -152,15 +152,15 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
                                   em.const("adc_zero_point", ad.zero_point.astype(np.float32).reshape(1, -1, 1, 1))],
                   "adc", {"bits": ad.bits}, DOMAIN)
 
-    if P == 1 and S == 1 and T == 1:
+    coef = np.ones((P, S), np.float32)
+    if sp is not None:
+        coef = np.outer(sp.plane_coef, sp.slice_coef).astype(np.float32)
+    if P == 1 and S == 1 and T == 1 and coef[0, 0] == 1:
         return s  # one column per output channel already
     spatial = em.op("Shape", [s], "spatial_shape", {"start": 2})
     split = em.op("Concat", [em.const("split_dims", np.array([P, -1, g, T, S, cout_g], np.int64)), spatial],
                   "split_shape", {"axis": 0})
     r = em.op("Reshape", [s, split], "split_columns")
-    coef = np.ones((P, S), np.float32)
-    if sp is not None:
-        coef = np.outer(sp.plane_coef, sp.slice_coef).astype(np.float32)
     if np.any(coef != 1):
         r = em.op("Mul", [r, em.const("recombine_coef", coef.reshape(P, 1, 1, 1, S, 1, 1, 1))], "shift")
     acc = em.op("ReduceSum", [r, em.const("sum_axes", np.array([0, 3, 4], np.int64))], "recombine", {"keepdims": 0})

@@ -54,6 +54,7 @@ class SlicePlan:
     slice_coef: np.ndarray     # (S,) recombination weight of each weight slice
     cell_range: tuple[int, int]  # value range of one weight cell
     weights: np.ndarray        # (S, Cout, cin_g, kh, kw) integer slice weights
+    bit_serial: bool = False   # inputs enter as bit planes (BitPlanes), even a single one
 
 
 @dataclass
@@ -203,7 +204,7 @@ class LayerPlan:
                              "utilization": used / (len(arrays) * tp.rows * tp.cols) if arrays else 0.0}
         if self.slicing:
             sp = self.slicing
-            rec["slicing"] = {"planes": sp.planes, "plane_coef": [float(v) for v in sp.plane_coef],
+            rec["slicing"] = {"bit_serial": sp.bit_serial, "planes": sp.planes, "plane_coef": [float(v) for v in sp.plane_coef],
                               "input_slice_range": [float(v) for v in sp.input_range],
                               "weight_slices": sp.slice_names,
                               "slice_coef": [float(v) for v in sp.slice_coef],

@@ -8,6 +8,8 @@ import onnxruntime as ort
 
 from pimc.errors import PimcError
 
+ort.set_default_logger_severity(3)
+
 
 # onnxruntime folds a constant Mul/Add that follows a Conv into the Conv's
 # weights.  That is valid float math but makes the integer accumulator inexact,

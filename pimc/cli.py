@@ -1,0 +1,141 @@
+"""The ``pimc`` command line.
+
+Built on click (already a dependency of much of the Python tooling here, well
+kept, and it gives typed options, choices and generated --help for free).
+Every user error is one line on stderr, ``pimc: error: ...``, exit status 2,
+no traceback and no partial output file.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import ADC_RANGES, FOLD_BN, PRESETS, SCHEMES, TILE_MODES, CompileConfig
+from .errors import PimcError
+
+_D = CompileConfig()
+
+
+def _err(msg: str) -> None:
+    click.echo(f"pimc: error: {msg}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pimc")
+def cli():
+    """pimc: compile ONNX models to a processing-in-memory (PIM) IR and run them in onnxruntime."""
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output PIM IR model.  [default: MODEL with .pim.onnx suffix, beside MODEL]")
+@click.option("--scheme", type=click.Choice(SCHEMES), help=f"Decomposition: float (no quantization), digital "
+              f"(quantized, no arrays), native (multi-bit inputs and signed weights), differential (weights split "
+              f"into +/- columns), bit-serial (inputs one bit at a time), bit-serial+differential.  [default: {_D.scheme}]")
+@click.option("--adc-bits", type=int, help=f"ADC resolution in bits.  [default: {_D.adc_bits}]")
+@click.option("--array-rows", type=int, help=f"Crossbar rows R (inputs summed per conversion).  [default: {_D.array_rows}]")
+@click.option("--array-cols", type=int, help=f"Crossbar columns C (ADC-converted outputs per array).  [default: {_D.array_cols}]")
+@click.option("--weight-bits", type=int, help=f"Weight bits (signed, symmetric, one scale per output column).  [default: {_D.weight_bits}]")
+@click.option("--input-bits", type=int, help=f"Input activation bits (unsigned after ReLU, else signed).  [default: {_D.input_bits}]")
+@click.option("--cell-bits", type=int, help="Weight bits per cell; a weight spans ceil(bits/cell) cells.  0 = whole weight "
+              "(or differential magnitude) in one cell.  [default: 0]")
+@click.option("--tile-mode", type=click.Choice(TILE_MODES), help="channel: whole kernels per array, floor(R/(kh*kw)) "
+              f"input channels per tile; row: exactly R rows per tile, kernels may straddle arrays.  [default: {_D.tile_mode}]")
+@click.option("--adc-range", type=click.Choice(ADC_RANGES), help="full: worst-case partial-sum range per column (never "
+              f"clips); calibrated: per-column min/max over the calibration data.  [default: {_D.adc_range}]")
+@click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration inputs: .npy, or .npz with an array "
+              "named 'x' or after the model input, preprocessed as the model expects (use training, never evaluation, "
+              "data).  [default: 64 synthetic N(0,1) inputs, with a warning]")
+@click.option("--calib-samples", type=int, help=f"Use at most this many calibration samples.  [default: {_D.calib_samples}]")
+@click.option("--fold-bn", type=click.Choice(FOLD_BN), help="Fold BatchNorm into the weights (the arrays hold folded "
+              f"weights) or into the per-column output affine after the ADC.  [default: {_D.fold_bn}]")
+@click.option("--seed", type=int, help=f"Seed of every random draw at compile time (synthetic calibration).  [default: {_D.seed}]")
+@click.option("--hw", "hw", type=click.Path(path_type=Path), help="Hardware description TOML file (format in README.md); "
+              "explicit options override it.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="Named configuration (see `pimc presets`); --hw and "
+              "explicit options override it.")
+@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), help="Save every intermediate model "
+              "there as NN_<pass>.onnx.")
+@click.option("--verify", is_flag=True, help="Check and run every intermediate model on calibration samples; "
+              "exact passes must not change any output bit.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the mapping (JSON) to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print no summary.")
+def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, **opts):
+    """Compile MODEL (an ONNX file) to the PIM IR."""
+    import json
+
+    from .config import build_config
+    from .io import write_bytes_atomic
+    from .pipeline import compile_model
+    from .summary import mapping_summary
+
+    if opts.get("calib_data") is not None:
+        opts["calib_data"] = str(opts["calib_data"])
+    cfg = build_config(preset=preset, hw=hw, **opts)
+    if output is None:
+        output = model.with_name(model.name[: -len(".onnx")] + ".pim.onnx" if model.name.endswith(".onnx")
+                                 else model.name + ".pim.onnx")
+    if output.resolve() == model.resolve():
+        raise PimcError(f"-o: output '{output}' would overwrite the input model; choose another path")
+    log = None if quiet else (lambda m: click.echo(m, err=True))
+    res = compile_model(str(model), cfg, dump_dir=dump_dir, verify=verify, log=log)
+    res.save(output)
+    if json_path:
+        write_bytes_atomic(json.dumps(res.mapping, indent=1, sort_keys=True).encode(), json_path)
+    if not quiet:
+        click.echo(mapping_summary(res.mapping, cfg.to_dict()))
+        for v in res.verification:
+            if "max_abs_change" in v:
+                click.echo(f"verify {v['pass']:<24} max |change| {v['max_abs_change']:.3g}" + (" (exact)" if v["exact"] else ""))
+        click.echo(f"wrote {output}")
+
+
+@cli.command("presets")
+def presets_cmd():
+    """List the named configurations for --preset."""
+    for name, (desc, vals) in PRESETS.items():
+        click.echo(f"{name}\n  {desc}\n  " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vals.items()))
+
+
+@cli.command("demo")
+@click.option("--scheme", type=click.Choice(SCHEMES[2:]), default="bit-serial+differential", show_default=True)
+@click.option("--adc-bits", type=int, default=4, show_default=True)
+def demo_cmd(scheme, adc_bits):
+    """Compile the embedded digits CNN and print float vs digital vs PIM accuracy (no downloads)."""
+    from .demo import run_demo
+    run_demo(scheme=scheme, adc_bits=adc_bits, echo=click.echo)
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="pimc", standalone_mode=False)
+        return 0
+    except PimcError as e:
+        _err(str(e))
+        return 2
+    except click.exceptions.Abort:
+        _err("aborted")
+        return 130
+    except click.UsageError as e:
+        hint = f" (see 'pimc {e.ctx.command.name} --help')" if e.ctx is not None and e.ctx.command.name != "cli" else " (see 'pimc --help')"
+        _err(" ".join(e.format_message().split()) + hint)
+        return 2
+    except click.ClickException as e:
+        _err(" ".join(e.format_message().split()))
+        return e.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def console_main() -> None:
+    sys.exit(main())
