@@ -21,6 +21,7 @@ from pimc.lowering import emit_layer
 from pimc.mapping import LayerPlan
 from pimc.model import PimModel
 from .base import Transformation
+from .tile_crossbars import check_kernel_fits
 
 MAC_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -53,6 +54,8 @@ class SelectCrossbarLayers(Transformation):
             if plan is None:
                 model.digital_ops.append({"node": node.name, "op_type": node.op, "reason": reason})
                 continue
+            if model.config.pim:
+                check_kernel_fits(plan, model.config.array_rows, model.config.tile_mode)
             node.inputs.clear()
             node.outputs.clear()
             g.nodes.remove(node)

@@ -28,15 +28,21 @@ from pimc.model import PimModel
 from .base import Transformation
 
 
+def check_kernel_fits(p: LayerPlan, rows: int, mode: str) -> None:
+    """Channel-aligned tiles need a whole kernel per array; say so early."""
+    kh, kw = p.kernel
+    if mode == "channel" and rows < kh * kw:
+        raise PimcError(f"layer '{p.name}': a {kh}x{kw} kernel needs {kh * kw} rows but --array-rows is {rows}; "
+                        f"use --tile-mode row or larger arrays")
+
+
 def plan_tiles(p: LayerPlan, rows: int, cols: int, mode: str) -> TilePlan:
     kh, kw = p.kernel
     k = kh * kw
     cin_g = p.cin_g
     if mode == "channel":
+        check_kernel_fits(p, rows, mode)
         cpa = rows // k
-        if cpa < 1:
-            raise PimcError(f"layer '{p.name}': a {kh}x{kw} kernel needs {k} rows but --array-rows is {rows}; "
-                            f"use --tile-mode row or larger arrays")
         T = math.ceil(cin_g / cpa)
         m = min(cpa, cin_g)
         channel = np.full((T, m), -1, np.int64)

@@ -65,7 +65,8 @@ def cli():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the mapping (JSON) to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print no summary.")
-def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, **opts):
+@click.option("-v", "--verbose", is_flag=True, help="Print each pass and its time (on stderr) as it runs.")
+def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, verbose, **opts):
     """Compile MODEL (an ONNX file) to the PIM IR."""
     import json
 
@@ -82,7 +83,7 @@ def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, *
                                  else model.name + ".pim.onnx")
     if output.resolve() == model.resolve():
         raise PimcError(f"-o: output '{output}' would overwrite the input model; choose another path")
-    log = None if quiet else (lambda m: click.echo(m, err=True))
+    log = (lambda m: click.echo(m, err=True)) if verbose else None
     res = compile_model(str(model), cfg, dump_dir=dump_dir, verify=verify, log=log)
     res.save(output)
     if json_path:

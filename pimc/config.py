@@ -5,9 +5,10 @@ Precedence, lowest first: built-in defaults < ``--preset`` < ``--hw FILE.toml``
 
 The hardware file format is documented in README.md ("Hardware description
 files"); its keys are the CLI option names with ``-`` written as ``_``, grouped
-in the tables ``[array]``, ``[adc]``, ``[quant]`` and ``[mapping]`` (the table a
-key sits in is for readability only; a key is accepted in any table or at top
-level).
+in the tables ``[array]``, ``[adc]``, ``[quant]``, ``[mapping]`` and
+``[calibration]``.  Inside ``[array]``, ``[adc]`` and ``[calibration]`` the
+prefix may be dropped (``rows`` = ``array_rows``, ``bits`` = ``adc_bits``,
+``data`` = ``calib_data``).
 """
 from __future__ import annotations
 
@@ -125,8 +126,11 @@ def load_hw_file(path: str | Path) -> dict:
             items = val.items()
         else:
             items = [(key, val)]
+        prefix = {"array": "array_", "adc": "adc_", "calibration": "calib_"}.get(key if isinstance(val, dict) else "", "")
         for k, v in items:
             k = k.replace("-", "_")
+            if prefix and prefix + k in _field_types():
+                k = prefix + k
             if k in ("preset",):
                 raise PimcError(f"--hw: '{p}': key '{k}' is not allowed in a hardware file; pass --preset on the command line")
             flat[k] = v

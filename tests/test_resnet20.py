@@ -1,0 +1,65 @@
+"""The real pretrained ResNet-20 on real CIFAR-10 (needs ../shared and torch)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pimc
+from pimc.runtime import open_session
+
+torch = pytest.importorskip("torch", reason="needs torch (pip install '.[torch]') to export the ResNet-20")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from resnet20_cifar import export_onnx, load_resnet20, preprocess  # noqa: E402
+
+pytestmark = pytest.mark.shared
+
+
+@pytest.fixture(scope="module")
+def data(shared_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("r20")
+    test = np.load(shared_dir / "data/cifar10/test.npz")
+    train = np.load(shared_dir / "data/cifar10/train.npz")
+    np.save(d / "calib.npy", preprocess(train["x"][:512]))   # calibration: training images only
+    model = load_resnet20(str(shared_dir / "data/models/resnet20_cifar10.th"))
+    paths = {}
+    for exporter in ("legacy", "dynamo"):
+        paths[exporter] = d / f"resnet20_{exporter}.onnx"
+        export_onnx(model, str(paths[exporter]), exporter)
+    return {"x": preprocess(test["x"]), "y": test["y"].astype(np.int64), "calib": str(d / "calib.npy"), "models": paths}
+
+
+def correct(model, x, y, bs=500):
+    sess = open_session(model)
+    name = sess.get_inputs()[0].name
+    return sum(int((sess.run(None, {name: x[i:i + bs]})[0].argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_no_pim_reproduces_float_accuracy(data, exporter):
+    res = pimc.compile_model(str(data["models"][exporter]), scheme="float")
+    assert len(res.mapping["layers"]) == 20   # 19 convs + the linear layer
+    assert correct(res.model, data["x"], data["y"]) == 9173
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_digital_w8a8_within_half_a_point(data, exporter):
+    res = pimc.compile_model(str(data["models"][exporter]), scheme="digital", weight_bits=8, input_bits=8,
+                             calib_data=data["calib"])
+    assert res.mapping["calibration"]["source"] == "file"
+    n = correct(res.model, data["x"], data["y"])
+    print(f"digital W8A8 ({exporter}): {n} / 10000")
+    assert abs(n - 9173) <= 50
+
+
+def test_lossless_pim_equals_digital_exactly(data):
+    kw = dict(weight_bits=8, input_bits=8, calib_data=data["calib"])
+    dig = pimc.compile_model(str(data["models"]["legacy"]), scheme="digital", **kw)
+    pim = pimc.compile_model(str(data["models"]["legacy"]), scheme="bit-serial", cell_bits=1, array_rows=128,
+                             adc_bits=8, **kw)
+    for L in pim.mapping["layers"]:
+        assert L["adc"]["lossless_columns"] == L["adc"]["columns"], L["name"]
+    x = data["x"][:128]
+    a = open_session(pim.model).run(None, {"input": x})[0]
+    b = open_session(dig.model).run(None, {"input": x})[0]
+    assert np.array_equal(a, b)
