@@ -104,12 +104,18 @@ def presets_cmd():
 
 
 @cli.command("demo")
-@click.option("--scheme", type=click.Choice(SCHEMES[2:]), default="bit-serial+differential", show_default=True)
-@click.option("--adc-bits", type=int, default=4, show_default=True)
-def demo_cmd(scheme, adc_bits):
-    """Compile the embedded digits CNN and print float vs digital vs PIM accuracy (no downloads)."""
+@click.option("--scheme", type=click.Choice(SCHEMES[2:]), default="differential", show_default=True,
+              help="PIM decomposition scheme.")
+@click.option("--adc-bits", type=int, multiple=True, default=(3, 4, 5, 6), show_default=True,
+              help="ADC resolution; repeat for several.")
+@click.option("--weight-bits", type=int, default=4, show_default=True)
+@click.option("--input-bits", type=int, default=4, show_default=True)
+@click.option("--array-rows", type=int, default=128, show_default=True)
+@click.option("--cell-bits", type=int, default=0, show_default=True)
+def demo_cmd(**opts):
+    """Compile the embedded digits CNN; print float vs digital vs PIM accuracy (no downloads, no data needed)."""
     from .demo import run_demo
-    run_demo(scheme=scheme, adc_bits=adc_bits, echo=click.echo)
+    run_demo(echo=click.echo, **opts)
 
 
 def main(argv=None) -> int:
