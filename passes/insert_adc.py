@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from pimc.calibration import run_with_probes
-from pimc.lowering import array_weights, emit_layer
+from pimc.lowering import array_weights, chunk_columns, emit_layer
 from pimc.mapping import AdcPlan, LayerPlan
 from pimc.model import PimModel
 from .base import Transformation
@@ -58,19 +58,25 @@ class InsertAdc(Transformation):
                 axes = onnx.helper.make_tensor("pimc_probe/axes", onnx.TensorProto.INT64, [3], [0, 2, 3])
                 proto.graph.initializer.append(axes)
                 for i, p in enumerate(plans):
-                    src = f"{p.name}/pimc/array_mac:0"
-                    for op in ("ReduceMin", "ReduceMax"):
-                        o = f"pimc_probe/{i}/{op}"
-                        if model.opset >= 18:
-                            proto.graph.node.append(onnx.helper.make_node(op, [src, "pimc_probe/axes"], [o], keepdims=0))
-                        else:
-                            proto.graph.node.append(onnx.helper.make_node(op, [src], [o], keepdims=0, axes=[0, 2, 3]))
-                        names.append(o)
+                    chunks = p.chunks or [(0, p.n_tiles, 0, p.n_slices)]
+                    for ci in range(len(chunks)):
+                        src = f"{p.name}/pimc/array_mac{'_%d' % ci if len(chunks) > 1 else ''}:0"
+                        for op in ("ReduceMin", "ReduceMax"):
+                            o = f"pimc_probe/{i}/{ci}/{op}"
+                            if model.opset >= 18:
+                                proto.graph.node.append(onnx.helper.make_node(op, [src, "pimc_probe/axes"], [o], keepdims=0))
+                            else:
+                                proto.graph.node.append(onnx.helper.make_node(op, [src], [o], keepdims=0, axes=[0, 2, 3]))
+                            names.append(o)
                 return names
-            res = run_with_probes(model, probes)
-            for i, p in enumerate(plans):
-                lo = np.min(np.stack(res[2 * i]), axis=0).astype(np.float64)
-                hi = np.max(np.stack(res[2 * i + 1]), axis=0).astype(np.float64)
+            res = iter(run_with_probes(model, probes))
+            for p in plans:
+                lo = np.zeros(p.n_columns)
+                hi = np.zeros(p.n_columns)
+                for chunk in p.chunks or [(0, p.n_tiles, 0, p.n_slices)]:
+                    cols = chunk_columns(p, chunk)
+                    lo[cols] = np.min(np.stack(next(res)), axis=0)
+                    hi[cols] = np.max(np.stack(next(res)), axis=0)
                 ranges[p.name] = (np.minimum(lo, 0), np.maximum(hi, 0))
         for p in plans:
             s_min, s_max = ranges.get(p.name) or full_range(p)

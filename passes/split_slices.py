@@ -10,8 +10,12 @@ Guarantees: every crossbar layer gets a SlicePlan and is re-emitted with:
   non-negative column sets; others keep signed weights.  Each is further split
   into cells of ``cell_bits`` bits (0: one cell), recombined with 2^(c*j):
   unsigned c-bit chunks, the top chunk of a signed weight signed;
-* recombination: ``Mul`` by the (plane, slice) weights and ``ReduceSum`` over
-  planes, tiles and slices.
+* recombination: ``Recombine`` sums over planes, tiles and slices with the
+  (plane, slice) weights;
+* chunks: when one layer's per-array partial sums would exceed
+  ``config.chunk_mib`` MiB at batch 256, its (tile, slice) pairs are processed
+  in chunks (each its own array conv, ADC and recombination, summed), which
+  bounds the intermediate tensors; the sums stay exact.
 
 Exact: outputs do not change by a single bit.
 """
@@ -63,6 +67,23 @@ def plan_slices(bits_w: int, cell_bits: int, differential: bool, q: np.ndarray):
     return names, np.array(coef, np.float32), cell_range, np.stack(weights).astype(np.float32)
 
 
+REFERENCE_BATCH = 256
+
+
+def plan_chunks(p, chunk_mib: int) -> list[tuple[int, int, int, int]]:
+    """Split the (tile, slice) pairs so each chunk's partial sums fit the budget."""
+    T, S = p.n_tiles, p.n_slices
+    spatial = p.out_spatial() or [32, 32]
+    pair_bytes = 4 * p.n_planes * REFERENCE_BATCH * p.group * p.cout_g * int(np.prod(spatial))
+    pairs = max(1, int(chunk_mib * 2 ** 20 // pair_bytes))
+    if pairs >= T * S:
+        return [(0, T, 0, S)]
+    if pairs >= S:
+        step = pairs // S
+        return [(t, min(t + step, T), 0, S) for t in range(0, T, step)]
+    return [(t, t + 1, s, min(s + pairs, S)) for t in range(T) for s in range(0, S, pairs)]
+
+
 class SplitSlices(Transformation):
     name = "split_slices"
     exact = True
@@ -81,6 +102,7 @@ class SplitSlices(Transformation):
             p.slicing = SlicePlan(planes=planes, plane_coef=pcoef, input_range=rng, slice_names=names,
                                   slice_coef=coef, cell_range=cell_range, weights=w,
                                   bit_serial=cfg.bit_serial_inputs)
+            p.chunks = plan_chunks(p, cfg.chunk_mib)
             emit_layer(model.graph, p)
         model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, bool(model.layers)

@@ -54,6 +54,8 @@ def cli():
 @click.option("--fold-bn", type=click.Choice(FOLD_BN), help="Fold BatchNorm into the weights (the arrays hold folded "
               f"weights) or into the per-column output affine after the ADC.  [default: {_D.fold_bn}]")
 @click.option("--seed", type=int, help=f"Seed of every random draw at compile time (synthetic calibration).  [default: {_D.seed}]")
+@click.option("--chunk-mib", type=int, help="Process a layer's array columns in chunks so that one chunk's partial "
+              f"sums stay under this many MiB at batch 256 (bounds runtime memory).  [default: {_D.chunk_mib}]")
 @click.option("--hw", "hw", type=click.Path(path_type=Path), help="Hardware description TOML file (format in README.md); "
               "explicit options override it.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="Named configuration (see `pimc presets`); --hw and "
@@ -116,6 +118,108 @@ def demo_cmd(**opts):
     """Compile the embedded digits CNN; print float vs digital vs PIM accuracy (no downloads, no data needed)."""
     from .demo import run_demo
     run_demo(echo=click.echo, **opts)
+
+
+@cli.command("run")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input", "inputs", multiple=True, required=True, metavar="[NAME=]FILE",
+              help="Input array (.npy, or .npz with arrays named after the model inputs); repeat as NAME=FILE for "
+                   "models with several inputs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .npy (one model output) or .npz (several).  [default: MODEL stem + .out.npy/.npz]")
+@click.option("--adc", type=click.Choice(["ideal", "nonideal"]), help="ADC model.  [default: ideal]")
+@click.option("--chip-seed", type=int, help="Chip instance: the seed of every static draw and of the noise.  [default: 0]")
+@click.option("--chip-preset", type=click.Choice(["pimqat-chip7", "ideal"]), help="Named chip (pimqat-chip7: the "
+              "PIM-QAT 7-bit prototype's gain and offset spread).")
+@click.option("--hw", type=click.Path(path_type=Path), help="Hardware TOML file; its [nonideal] table sets the chip.")
+@click.option("--gain-sigma", type=float, help="ADC gain spread per column, N(1, sigma).  [default: 0.024]")
+@click.option("--offset-sigma", type=float, help="ADC offset spread per column, N(0, sigma) LSB.  [default: 2.04]")
+@click.option("--noise-sigma", type=float, help="Thermal noise per conversion, N(0, sigma) LSB.  [default: 0]")
+@click.option("--inl", type=float, help="Synthetic transfer-curve nonlinearity (bow), INL in LSB.  [default: 0]")
+@click.option("--adc-lut", "lut_csv", type=click.Path(path_type=Path), help="Measured transfer curve (CSV of 2^b levels).")
+@click.option("--device-sigma-cell", type=float, help="Cell conductance variation within a chip (lognormal sigma).  [default: 0]")
+@click.option("--device-sigma-chip", type=float, help="Conductance variation between chips (lognormal sigma).  [default: 0]")
+@click.option("--device-scope", type=click.Choice(["chip", "layer"]), help="theta_chip drawn once per chip or per layer.  [default: chip]")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Run the inputs in batches of this size.")
+@click.option("--function-bodies", is_flag=True, help="Do not use the native kernels.")
+def run_cmd(model, inputs, output, chip_preset, hw, batch_size, function_bodies, **chip_opts):
+    """Run MODEL (a PIM IR, or plain ONNX without chip options) on inputs; write the outputs as .npy/.npz."""
+    import numpy as np
+
+    from .io import load_array_file, write_bytes_atomic
+    from pimc.runtime.chip import build_chip_config
+    from pimc.runtime.session import open_session
+
+    if batch_size < 1:
+        raise PimcError(f"--batch-size: {batch_size} must be at least 1")
+    if chip_opts.get("lut_csv") is not None:
+        chip_opts["lut_csv"] = str(chip_opts["lut_csv"])
+    pim_asked = chip_preset is not None or hw is not None or any(v is not None for v in chip_opts.values())
+    chip = build_chip_config(preset=chip_preset, hw=hw, **chip_opts) if pim_asked else None
+    sess = open_session(str(model), chip, native=False if function_bodies else None)
+    feed = _read_inputs(sess, inputs, load_array_file)
+    n = next(iter(feed.values())).shape[0]
+    names = [o.name for o in sess.get_outputs()]
+    parts = {k: [] for k in names}
+    for i in range(0, n, batch_size):
+        for k, v in zip(names, sess.run(None, {k: v[i:i + batch_size] for k, v in feed.items()})):
+            parts[k].append(v)
+    outs = {k: np.concatenate(v) for k, v in parts.items()}
+    import io as _io
+    buf = _io.BytesIO()
+    if output is None:
+        stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
+        output = model.with_name(stem + (".out.npy" if len(outs) == 1 else ".out.npz"))
+    if len(outs) == 1 and output.suffix == ".npy":
+        np.save(buf, next(iter(outs.values())))
+    else:
+        np.savez(buf, **outs)
+    write_bytes_atomic(buf.getvalue(), output)
+    click.echo(f"wrote {output} ({', '.join(f'{k} {list(v.shape)}' for k, v in outs.items())})")
+
+
+def _read_inputs(sess, specs, load):
+    import numpy as np
+    model_inputs = {i.name: i for i in sess.get_inputs()}
+    feed = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        arrays = load(path, "--input")
+        for key, arr in arrays.items():
+            target = name or key
+            if target in ("", "x") and len(model_inputs) == 1:
+                target = next(iter(model_inputs))
+            if target not in model_inputs:
+                raise PimcError(f"--input: '{path}' gives '{target}', but the model's inputs are: {', '.join(model_inputs)}")
+            feed[target] = arr
+    for name, info in model_inputs.items():
+        if name not in feed:
+            raise PimcError(f"--input: no array for model input '{name}'")
+        a = feed[name]
+        want = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}.get(info.type)
+        if want is not None and a.dtype != want:
+            raise PimcError(f"--input: '{name}' is {a.dtype}, the model wants {np.dtype(want)}; convert the array")
+        shape = info.shape
+        if a.ndim != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
+            raise PimcError(f"--input: '{name}' has shape {list(a.shape)}, the model wants {shape}")
+    sizes = {a.shape[0] for a in feed.values()}
+    if len(sizes) != 1:
+        raise PimcError(f"--input: the arrays disagree on the batch size: {sorted(sizes)}")
+    return feed
+
+
+@cli.command("native")
+@click.option("--fetch-headers", is_flag=True, help="Download Debian's libonnxruntime-dev into pimc's cache "
+              "(private apt configuration; system sources untouched) for the headers.")
+@click.option("--rebuild", is_flag=True, help="Rebuild the library even if a cached build exists.")
+def native_cmd(fetch_headers, rebuild):
+    """Build the native kernel library (and say where it is and which headers it used)."""
+    from pimc.runtime import native
+    if fetch_headers:
+        native.fetch_headers()
+    lib = native.build(force=rebuild)
+    click.echo(f"headers: {native.find_headers()}")
+    click.echo(f"library: {lib}")
 
 
 def main(argv=None) -> int:

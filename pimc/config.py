@@ -43,6 +43,7 @@ class CompileConfig:
     calib_samples: int = 256
     fold_bn: str = "weights"
     seed: int = 0
+    chunk_mib: int = 256  # bound on one chunk of per-array partial sums at batch 256
     preset: str | None = None
 
     # ---- derived views -------------------------------------------------
@@ -98,7 +99,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     ),
 }
 
-HW_TABLES = ("array", "adc", "quant", "mapping", "calibration")
+HW_TABLES = ("array", "adc", "quant", "mapping", "calibration", "nonideal")
+RUNTIME_TABLES = ("nonideal",)  # read by pimc.runtime.chip, not by the compiler
 
 
 def _field_types() -> dict[str, type]:
@@ -120,6 +122,8 @@ def load_hw_file(path: str | Path) -> dict:
         raise PimcError(f"--hw: '{p}' is not valid TOML: {e}")
     flat: dict = {}
     for key, val in doc.items():
+        if key in RUNTIME_TABLES:
+            continue
         if isinstance(val, dict):
             if key not in HW_TABLES:
                 raise PimcError(f"--hw: '{p}': unknown table [{key}]; known tables: {', '.join(HW_TABLES)}")
@@ -179,6 +183,7 @@ def validate(cfg: CompileConfig) -> None:
     need(1 <= cfg.adc_bits <= 16, f"--adc-bits: {cfg.adc_bits} is out of range; use 1..16")
     need(1 <= cfg.array_rows <= 65536, f"--array-rows: {cfg.array_rows} is out of range; use 1..65536")
     need(1 <= cfg.array_cols <= 65536, f"--array-cols: {cfg.array_cols} is out of range; use 1..65536")
+    need(cfg.chunk_mib >= 1, f"--chunk-mib: {cfg.chunk_mib} must be at least 1")
     need(cfg.calib_samples >= 1, f"--calib-samples: {cfg.calib_samples} must be at least 1")
     need(cfg.cell_bits >= 0, f"--cell-bits: {cfg.cell_bits} must be >= 0 (0 = whole weight in one cell)")
     mag = cfg.weight_bits - 1 if cfg.differential_weights else cfg.weight_bits

@@ -127,46 +127,61 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
 
     tp, sp = p.tiling, p.slicing
     g, T, cin_g, cout_g = p.group, tp.tiles, p.cin_g, p.cout_g
-    P = sp.planes if sp else 1
+    P, S = p.n_planes, p.n_slices
     h = q
     if sp is not None and sp.bit_serial:
         iq = p.input_quant
         h = em.op("BitPlanes", [h], "planes", {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
 
-    # channels each tile reads: local channel c of group gi is global gi*cin_g + c;
-    # padding slots read an appended zero channel (index Cin)
-    cin = g * cin_g
-    idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.channel[t]] for gi in range(g) for t in range(T)],
-                   np.int64).reshape(-1)
-    if not np.array_equal(idx, np.arange(cin)):
-        if np.any(idx == cin):
-            h = em.op("Pad", [h, em.const("pad_channel", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))], "pad_channel")
-        h = em.op("Gather", [h, em.const("tile_channels", idx)], "tile_gather", {"axis": 1})
-
-    S = p.n_slices
-    s = em.op("Conv", [h, em.const("array_weight", array_weights(p))], "array_mac", em.conv_attrs(g * T))
-
-    if p.adc is not None:
-        ad = p.adc
-        s = em.op("AdcQuantize", [s, em.const("adc_scale", ad.scale.astype(np.float32).reshape(1, -1, 1, 1)),
-                                  em.const("adc_zero_point", ad.zero_point.astype(np.float32).reshape(1, -1, 1, 1))],
-                  "adc", {"bits": ad.bits}, DOMAIN)
-
+    kh, kw = p.kernel
+    weights = array_weights(p).reshape(g, T, S, cout_g, tp.width, kh, kw)
     coef = np.ones((P, S), np.float32)
     if sp is not None:
         coef = np.outer(sp.plane_coef, sp.slice_coef).astype(np.float32)
-    if P == 1 and S == 1 and T == 1 and coef[0, 0] == 1:
-        return s  # one column per output channel already
-    spatial = em.op("Shape", [s], "spatial_shape", {"start": 2})
-    split = em.op("Concat", [em.const("split_dims", np.array([P, -1, g, T, S, cout_g], np.int64)), spatial],
-                  "split_shape", {"axis": 0})
-    r = em.op("Reshape", [s, split], "split_columns")
-    if np.any(coef != 1):
-        r = em.op("Mul", [r, em.const("recombine_coef", coef.reshape(P, 1, 1, 1, S, 1, 1, 1))], "shift")
-    acc = em.op("ReduceSum", [r, em.const("sum_axes", np.array([0, 3, 4], np.int64))], "recombine", {"keepdims": 0})
-    merged = em.op("Concat", [em.const("merge_dims", np.array([-1, g * cout_g], np.int64)), spatial],
-                   "merge_shape", {"axis": 0})
-    return em.op("Reshape", [acc, merged], "merge_groups")
+    chunks = p.chunks or [(0, T, 0, S)]
+    cin = g * cin_g
+    padded = None
+    parts = []
+    for ci, (t0, t1, s0, s1) in enumerate(chunks):
+        sfx = f"_{ci}" if len(chunks) > 1 else ""
+        # channels the chunk's tiles read: local channel c of group gi is gi*cin_g + c;
+        # padding slots read an appended zero channel (index Cin)
+        idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.channel[t]]
+                        for gi in range(g) for t in range(t0, t1)], np.int64).reshape(-1)
+        hin = h
+        if not np.array_equal(idx, np.arange(cin)):
+            src = h
+            if np.any(idx == cin):
+                if padded is None:
+                    padded = em.op("Pad", [h, em.const("pad_channel", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))],
+                                   "pad_channel")
+                src = padded
+            hin = em.op("Gather", [src, em.const("tile_channels" + sfx, idx)], "tile_gather" + sfx, {"axis": 1})
+        w = weights[:, t0:t1, s0:s1].reshape(-1, tp.width, kh, kw)
+        a = em.op("Conv", [hin, em.const("array_weight" + sfx, np.ascontiguousarray(w))], "array_mac" + sfx,
+                  em.conv_attrs(g * (t1 - t0)))
+        if p.adc is not None:
+            cols = chunk_columns(p, (t0, t1, s0, s1))
+            a = em.op("AdcQuantize", [a, em.const("adc_scale" + sfx, p.adc.scale[cols].astype(np.float32).reshape(1, -1, 1, 1)),
+                                      em.const("adc_zero_point" + sfx, p.adc.zero_point[cols].astype(np.float32).reshape(1, -1, 1, 1))],
+                      "adc" + sfx, {"bits": p.adc.bits}, DOMAIN)
+        c = coef[:, s0:s1]
+        if P == 1 and (s1 - s0) == 1 and (t1 - t0) == 1 and c[0, 0] == 1:
+            parts.append(a)   # one column per output channel already
+        else:
+            parts.append(em.op("Recombine", [a, em.const("recombine_coef" + sfx, np.ascontiguousarray(c))],
+                               "recombine" + sfx, {"planes": P, "groups": g, "tiles": t1 - t0, "slices": s1 - s0}, DOMAIN))
+    if len(parts) == 1:
+        return parts[0]
+    return em.op("Sum", parts, "sum_chunks")
+
+
+def chunk_columns(p: LayerPlan, chunk) -> np.ndarray:
+    """Global column indices (group, tile, slice, out_channel order) of a chunk."""
+    t0, t1, s0, s1 = chunk
+    T, S, cout_g = p.n_tiles, p.n_slices, p.cout_g
+    gi, t, s, o = np.meshgrid(np.arange(p.group), np.arange(t0, t1), np.arange(s0, s1), np.arange(cout_g), indexing="ij")
+    return (((gi * T + t) * S + s) * cout_g + o).reshape(-1)
 
 
 def array_weights(p: LayerPlan) -> np.ndarray:

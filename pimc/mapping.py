@@ -89,6 +89,7 @@ class LayerPlan:
     tiling: TilePlan | None = None
     slicing: SlicePlan | None = None
     adc: AdcPlan | None = None
+    chunks: list[tuple[int, int, int, int]] | None = None   # (t0, t1, s0, s1) per chunk of array columns
     nodes: list = field(default_factory=list)   # gs.Node objects currently emitted
 
     # ---- shapes ----------------------------------------------------------
@@ -210,11 +211,14 @@ class LayerPlan:
                               "slice_coef": [float(v) for v in sp.slice_coef],
                               "cell_range": [int(v) for v in sp.cell_range],
                               "column_order": ["group", "tile", "slice", "out_channel"]}
+        if self.chunks:
+            rec["chunks"] = [{"tiles": [c[0], c[1]], "slices": [c[2], c[3]],
+                              "suffix": f"_{i}" if len(self.chunks) > 1 else ""} for i, c in enumerate(self.chunks)]
         if self.adc:
             ad = self.adc
             rec["adc"] = {"bits": ad.bits, "range": ad.range, "columns": self.n_columns,
-                          "scale_tensor": f"{self.name}/pimc/adc_scale",
-                          "zero_point_tensor": f"{self.name}/pimc/adc_zero_point",
+                          "scale_tensor": f"{self.name}/pimc/adc_scale<suffix>",
+                          "zero_point_tensor": f"{self.name}/pimc/adc_zero_point<suffix>",
                           "lossless_columns": int(np.sum((ad.scale == 1.0) & (ad.s_max - ad.s_min + 1 <= 2 ** ad.bits)))}
         if self.tiling:
             sp = self.out_spatial()

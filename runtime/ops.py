@@ -152,7 +152,229 @@ ADC_QUANTIZE = OpDef(
     adc_quantize_np,
 )
 
-OPS: dict[str, OpDef] = {op.name: op for op in (QUANTIZE_INPUT, BIT_PLANES, ADC_QUANTIZE)}
+# ---------------------------------------------------------------- Recombine
+def recombine_np(a: np.ndarray, coef: np.ndarray, *, planes: int, groups: int, tiles: int, slices: int) -> np.ndarray:
+    a = np.asarray(a, np.float32)
+    rows, cols = a.shape[0], a.shape[1]
+    cout_g = cols // (groups * tiles * slices)
+    r = a.astype(np.float64).reshape(planes, rows // planes, groups, tiles, slices, cout_g, *a.shape[2:])
+    c = np.asarray(coef, np.float32).astype(np.float64).reshape(planes, 1, 1, 1, slices, 1, *([1] * (a.ndim - 2)))
+    acc = (r * c).sum(axis=(0, 3, 4))  # float64: exact for these sums, so the order does not matter
+    return acc.reshape(rows // planes, groups * cout_g, *a.shape[2:]).astype(np.float32)
+
+
+RECOMBINE = OpDef(
+    "Recombine", ("a", "coef"), ("planes", "groups", "tiles", "slices"),
+    """
+  ax0 = Constant <value_ints = [0]> ()
+  p0 = Constant <value_int: int = @planes> ()
+  g0 = Constant <value_int: int = @groups> ()
+  t0 = Constant <value_int: int = @tiles> ()
+  s0 = Constant <value_int: int = @slices> ()
+  p = Unsqueeze (p0, ax0)
+  g = Unsqueeze (g0, ax0)
+  t = Unsqueeze (t0, ax0)
+  sl = Unsqueeze (s0, ax0)
+  one = Constant <value_ints = [1]> ()
+  minus1 = Constant <value_ints = [-1]> ()
+  cols = Shape <start = 1, end = 2> (a)
+  spatial = Shape <start = 2> (a)
+  gt = Mul (g, t)
+  gts = Mul (gt, sl)
+  coutg = Div (cols, gts)
+  split = Concat <axis = 0> (p, minus1, g, t, sl, coutg, spatial)
+  ad = Cast <to = 11> (a)
+  r = Reshape (ad, split)
+  cshape = Concat <axis = 0> (p, one, one, one, sl, one, one, one)
+  cd = Cast <to = 11> (coef)
+  c = Reshape (cd, cshape)
+  m = Mul (r, c)
+  axes = Constant <value_ints = [0, 3, 4]> ()
+  acc = ReduceSum <keepdims = 0> (m, axes)
+  gc = Mul (g, coutg)
+  merged = Concat <axis = 0> (minus1, gc, spatial)
+  accf = Cast <to = 1> (acc)
+  y = Reshape (accf, merged)
+""",
+    recombine_np,
+)
+
+
+# ---------------------------------------------------------------- AdcQuantizeNonIdeal
+# Counter-based noise: a conversion's thermal noise is a pure function of
+# (seed, the row's partial sums, the position in the row), so it never depends
+# on the batch size or on the other images of a batch, and the same seed gives
+# the same outputs on every run.  The hash uses only int64 multiply, add,
+# floor-divide and modulo (values stay below 2^62), so the ONNX function body,
+# the native kernel and numpy compute identical integers.
+M31 = 2 ** 31
+
+
+def hash31(x):
+    x = np.asarray(x, np.int64) % M31
+    x = (x * 1103515245 + 12345) % M31
+    x = (x + x // 8192) % M31
+    x = (x * 1664525 + 1013904223) % M31
+    x = (x + x // 131072) % M31
+    x = (x * 22695477 + 1) % M31
+    return x
+
+
+def row_keys_np(s: np.ndarray) -> np.ndarray:
+    """Per batch row: sum of floor(16 s) in float64 (exact, order-free), mod 2^31."""
+    s = np.asarray(s, np.float32)
+    f = np.floor(s.astype(np.float64) * 16.0).reshape(s.shape[0], -1).sum(1)
+    return np.mod(np.abs(f), float(M31)).astype(np.int64)
+
+
+def thermal_noise_np(s: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    rows = s.shape[0]
+    n = int(np.prod(s.shape[1:]))
+    k = hash31((row_keys_np(s) + hash31(seed)) % M31)[:, None]
+    h1 = hash31((hash31(np.arange(n, dtype=np.int64))[None, :] + k) % M31)
+    h2 = hash31((h1 + 1234567) % M31)
+    u1 = ((h1.astype(np.float32) + np.float32(0.5)) / np.float32(M31)).astype(np.float32)
+    u2 = ((h2.astype(np.float32) + np.float32(0.5)) / np.float32(M31)).astype(np.float32)
+    z = np.sqrt(np.float32(-2) * np.log(u1)) * np.cos(np.float32(2 * np.pi) * u2)
+    return (np.float32(sigma) * z).astype(np.float32).reshape(rows, *s.shape[1:])
+
+
+def transfer_np(w: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Piecewise-linear transfer curve over the code domain; identity slope outside."""
+    L = lut.shape[0]
+    wc = np.clip(w, np.float32(0), np.float32(L - 1))
+    k0 = np.minimum(np.floor(wc), np.float32(L - 2)).astype(np.int64)
+    frac = (wc - k0.astype(np.float32)).astype(np.float32)
+    lo, hi = lut[k0], lut[k0 + 1]
+    return (lo + frac * (hi - lo) + (w - wc)).astype(np.float32)
+
+
+def adc_quantize_nonideal_np(s, scale, zero_point, gain, offset, lut, *, bits: int, noise_sigma: float,
+                             seed: int) -> np.ndarray:
+    s = np.asarray(s, np.float32)
+    scale, zp = np.asarray(scale, np.float32), np.asarray(zero_point, np.float32)
+    gain, offset = np.asarray(gain, np.float32), np.asarray(offset, np.float32)
+    lut = np.asarray(lut, np.float32)
+    w = (gain * (s / scale) + offset + zp).astype(np.float32)
+    f = transfer_np(w, lut) if lut.shape[0] >= 2 else w
+    if noise_sigma > 0:
+        f = f + thermal_noise_np(s, noise_sigma, seed)
+    code = np.clip(np.round(f), np.float32(0), np.float32(2 ** bits - 1))
+    return ((code - zp) * scale).astype(np.float32)
+
+
+_HASH_BODY = """
+  {o}_a = Mod ({i}, m31)
+  {o}_b = Mul ({o}_a, k1)
+  {o}_c = Add ({o}_b, c1)
+  {o}_d = Mod ({o}_c, m31)
+  {o}_e = Div ({o}_d, d13)
+  {o}_f = Add ({o}_d, {o}_e)
+  {o}_g = Mod ({o}_f, m31)
+  {o}_h = Mul ({o}_g, k2)
+  {o}_i = Add ({o}_h, c2)
+  {o}_j = Mod ({o}_i, m31)
+  {o}_k = Div ({o}_j, d17)
+  {o}_l = Add ({o}_j, {o}_k)
+  {o}_m = Mod ({o}_l, m31)
+  {o}_n = Mul ({o}_m, k3)
+  {o}_p = Add ({o}_n, one64)
+  {o} = Mod ({o}_p, m31)
+"""
+
+ADC_QUANTIZE_NONIDEAL = OpDef(
+    "AdcQuantizeNonIdeal", ("s", "scale", "zero_point", "gain", "offset", "lut"), ("bits", "noise_sigma", "seed"),
+    """
+  b = Constant <value_int: int = @bits> ()
+  bf = Cast <to = 1> (b)
+  zero = Constant <value_float = 0.0> ()
+  one = Constant <value_float = 1.0> ()
+  two = Constant <value_float = 2.0> ()
+  half = Constant <value_float = 0.5> ()
+  full = Pow (two, bf)
+  top = Sub (full, one)
+  topm1 = Sub (top, one)
+  r = Div (s, scale)
+  gr = Mul (gain, r)
+  v = Add (gr, offset)
+  w = Add (v, zero_point)
+  wc = Clip (w, zero, top)
+  fl = Floor (wc)
+  k0f = Min (fl, topm1)
+  frac = Sub (wc, k0f)
+  k0 = Cast <to = 7> (k0f)
+  one64 = Constant <value_int = 1> ()
+  k1i = Add (k0, one64)
+  lo = Gather <axis = 0> (lut, k0)
+  hi = Gather <axis = 0> (lut, k1i)
+  dl = Sub (hi, lo)
+  fd = Mul (frac, dl)
+  interp = Add (lo, fd)
+  outside = Sub (w, wc)
+  f = Add (interp, outside)
+  sigma = Constant <value_float: float = @noise_sigma> ()
+  seedv = Constant <value_int: int = @seed> ()
+  m31 = Constant <value_int = 2147483648> ()
+  k1 = Constant <value_int = 1103515245> ()
+  c1 = Constant <value_int = 12345> ()
+  k2 = Constant <value_int = 1664525> ()
+  c2 = Constant <value_int = 1013904223> ()
+  k3 = Constant <value_int = 22695477> ()
+  d13 = Constant <value_int = 8192> ()
+  d17 = Constant <value_int = 131072> ()
+  salt = Constant <value_int = 1234567> ()
+  m31f = Constant <value = double {2147483648.0}> ()
+  sixteen = Constant <value = double {16.0}> ()
+  twopi = Constant <value_float = 6.2831855> ()
+  m2 = Constant <value_float = -2.0> ()
+  m31s = Constant <value_float = 2147483648.0> ()
+  sd = Cast <to = 11> (s)
+  s16 = Mul (sd, sixteen)
+  sfl = Floor (s16)
+  raxes = Constant <value_ints = [1, 2, 3]> ()
+  rsum = ReduceSum <keepdims = 1> (sfl, raxes)
+  rabs = Abs (rsum)
+  rmod = Mod <fmod = 1> (rabs, m31f)
+  rkey = Cast <to = 7> (rmod)
+""" + _HASH_BODY.format(o="hs", i="seedv") + """
+  rk = Add (rkey, hs)
+""" + _HASH_BODY.format(o="kr", i="rk") + """
+  zero64 = Constant <value_int = 0> ()
+  rowshape = Shape <start = 1> (s)
+  rowsize = ReduceProd <keepdims = 0> (rowshape)
+  cnt = Range (zero64, rowsize, one64)
+  onev = Constant <value_ints = [1]> ()
+  cshape = Concat <axis = 0> (onev, rowshape)
+  cnt4 = Reshape (cnt, cshape)
+""" + _HASH_BODY.format(o="hc", i="cnt4") + """
+  hck = Add (hc, kr)
+""" + _HASH_BODY.format(o="h1", i="hck") + """
+  h1s = Add (h1, salt)
+""" + _HASH_BODY.format(o="h2", i="h1s") + """
+  h1f = Cast <to = 1> (h1)
+  h2f = Cast <to = 1> (h2)
+  u1a = Add (h1f, half)
+  u1 = Div (u1a, m31s)
+  u2a = Add (h2f, half)
+  u2 = Div (u2a, m31s)
+  lu = Log (u1)
+  lm = Mul (m2, lu)
+  rad = Sqrt (lm)
+  ang = Mul (twopi, u2)
+  cs = Cos (ang)
+  z = Mul (rad, cs)
+  n = Mul (sigma, z)
+  fn = Add (f, n)
+  rr = Round (fn)
+  code = Clip (rr, zero, top)
+  d = Sub (code, zero_point)
+  y = Mul (d, scale)
+""",
+    adc_quantize_nonideal_np,
+)
+
+OPS: dict[str, OpDef] = {op.name: op for op in (QUANTIZE_INPUT, BIT_PLANES, ADC_QUANTIZE, RECOMBINE,
+                                                ADC_QUANTIZE_NONIDEAL)}
 
 
 def function_protos(names=None) -> list[onnx.FunctionProto]:

@@ -18,30 +18,58 @@ ort.set_default_logger_severity(3)
 EXACTNESS_DISABLED_OPTIMIZERS = ("ConvMulFusion", "ConvAddFusion", "ConvBNFusion")
 
 
-def open_session(model, *, threads: int = 0) -> ort.InferenceSession:
+def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int = 0,
+                 native: bool | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session on a PIM IR model (path, bytes or ModelProto).
 
-    The IR ops run through their model-local function bodies; a plain ONNX
-    model opens the same way.  The Conv-affine fusions listed in
-    ``EXACTNESS_DISABLED_OPTIMIZERS`` are disabled (see there); a plain
-    onnxruntime session runs the same model with results equal up to float
-    rounding.
+    ``chip``: None or "ideal" (the compiled ideal model), "nonideal" (the
+    non-ideal ADC with the PIM-QAT chip defaults), a chip preset name, or a
+    :class:`~pimc.runtime.chip.ChipConfig`; ``chip_seed`` picks the chip
+    instance.  A plain ONNX model opens the same way when no chip is asked for.
+    The IR ops run through the native kernel library when it can be built
+    (``native`` None), must (True), or never (False: the function bodies).
+    The Conv-affine fusions in ``EXACTNESS_DISABLED_OPTIMIZERS`` are disabled
+    (see there); a plain onnxruntime session runs the same model with results
+    equal up to float rounding.
     """
+    from .chip import CHIP_PRESETS, ChipConfig, build_chip_config, instantiate
+
+    source = str(model) if isinstance(model, (str, Path)) else "model"
+    proto = _load(model)
+    if chip is not None or chip_seed is not None:
+        if chip is None or chip == "ideal":
+            cfg = build_chip_config(adc="ideal", chip_seed=chip_seed)
+        elif isinstance(chip, ChipConfig):
+            cfg = chip if chip_seed is None else ChipConfig(**{**chip.__dict__, "chip_seed": chip_seed})
+        elif chip in CHIP_PRESETS:
+            cfg = build_chip_config(preset=chip, chip_seed=chip_seed)
+        elif chip == "nonideal":
+            cfg = build_chip_config(adc="nonideal", chip_seed=chip_seed)
+        else:
+            raise PimcError(f"chip: '{chip}' is not ideal, nonideal, a chip preset or a ChipConfig")
+        proto = instantiate(proto, cfg, source)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    if isinstance(model, onnx.ModelProto):
-        data = model.SerializeToString()
-    elif isinstance(model, (bytes, bytearray)):
-        data = bytes(model)
-    else:
-        p = Path(model)
-        if not p.is_file():
-            raise PimcError(f"model file '{p}' not found")
-        data = p.read_bytes()
+    if native is not False:
+        from .native import native_library
+        lib = native_library()
+        if lib is not None:
+            so.register_custom_ops_library(str(lib))
+        elif native:
+            raise PimcError("native kernels were requested but are unavailable (see the note above)")
     try:
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"],
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=list(EXACTNESS_DISABLED_OPTIMIZERS))
     except Exception as e:  # onnxruntime raises its own exception types
-        raise PimcError(f"onnxruntime could not open the model: {str(e).splitlines()[0]}")
+        raise PimcError(f"onnxruntime could not open '{source}': {str(e).splitlines()[0]}")
+
+
+def _load(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model))
+    from pimc.io import load_onnx
+    return load_onnx(model)

@@ -1,0 +1,240 @@
+"""Chip instances: non-ideal ADC and device models drawn from one seed.
+
+A chip instance is a compiled PIM IR model with every static draw made:
+
+* per ADC (array column): gain g ~ N(1, gain_sigma), offset o ~ N(0, offset_sigma) LSB;
+* per weight cell: conductance variation G' = G * exp(theta_chip + theta_cell),
+  theta_chip ~ N(0, device_sigma_chip^2) once per chip (``device_scope = "chip"``)
+  or once per layer (``"layer"``), theta_cell ~ N(0, device_sigma_cell^2) per cell
+  (Deng and Orshansky, DATE 2022); a zero cell stays zero;
+* the ADC transfer curve: a monotone lookup table over the 2^b codes, loaded from
+  a CSV of a measured curve (``lut_csv``) or synthetic with a given INL:
+  lut[k] = k + inl * sin(pi * k / (2^b - 1)) (a bow; INL = max |lut[k] - k|).
+
+and the dynamic one left to the op: thermal noise n ~ N(0, noise_sigma) LSB per
+conversion, from a counter-based hash (see runtime/ops.py), so that
+
+    code = clip(round(f_NL(g * s / Delta + o + z) + n), 0, 2^b - 1),   y = (code - z) * Delta
+
+Static draws come from ``numpy.random.default_rng([chip_seed, layer_index, k])``
+over each layer's full column and cell arrays (independent of batch size and
+of chunking); the same seed gives the same chip, bit for bit.  Defaults are the
+PIM-QAT 7-bit prototype chip (gain N(1, 0.024), offset N(0, 2.04) LSB).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from pimc.errors import PimcError
+from .ops import DOMAIN, M31, function_protos, hash31
+
+CHIP_PRESETS = {
+    "pimqat-chip7": ("PIM-QAT 7-bit prototype chip: ADC gain N(1, 0.024), offset N(0, 2.04) LSB per column",
+                     dict(adc="nonideal", gain_sigma=0.024, offset_sigma=2.04, noise_sigma=0.0, inl=0.0)),
+    "ideal": ("ideal ADC, ideal cells", dict(adc="ideal")),
+}
+
+
+@dataclass(frozen=True)
+class ChipConfig:
+    adc: str = "ideal"              # "ideal" | "nonideal"
+    chip_seed: int = 0
+    gain_sigma: float = 0.024
+    offset_sigma: float = 2.04      # LSB
+    noise_sigma: float = 0.0        # LSB, per conversion
+    inl: float = 0.0                # LSB, synthetic transfer-curve bow
+    lut_csv: str | None = None      # measured transfer curve (overrides inl)
+    device_sigma_cell: float = 0.0
+    device_sigma_chip: float = 0.0
+    device_scope: str = "chip"      # "chip" | "layer"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @property
+    def ideal(self) -> bool:
+        return self.adc == "ideal" and self.device_sigma_cell == 0 and self.device_sigma_chip == 0
+
+
+def build_chip_config(preset: str | None = None, hw: str | Path | None = None, **explicit) -> ChipConfig:
+    """Defaults < chip preset < ``[nonideal]`` table of a --hw file < explicit values."""
+    vals: dict = {}
+    if preset is not None:
+        if preset not in CHIP_PRESETS:
+            raise PimcError(f"--chip-preset: unknown chip preset '{preset}'; choose one of: {', '.join(CHIP_PRESETS)}")
+        vals.update(CHIP_PRESETS[preset][1])
+    if hw is not None:
+        vals.update(load_hw_nonideal(hw))
+    vals.update({k: v for k, v in explicit.items() if v is not None})
+    fields = {f.name: f for f in dataclasses.fields(ChipConfig)}
+    for k in vals:
+        if k not in fields:
+            raise PimcError(f"unknown chip setting '{k}'; known: {', '.join(fields)}")
+    cfg = ChipConfig(**vals)
+    if cfg.adc not in ("ideal", "nonideal"):
+        raise PimcError(f"--adc: '{cfg.adc}' is not one of: ideal, nonideal")
+    if cfg.device_scope not in ("chip", "layer"):
+        raise PimcError(f"device_scope: '{cfg.device_scope}' is not one of: chip, layer")
+    for k in ("gain_sigma", "offset_sigma", "noise_sigma", "inl", "device_sigma_cell", "device_sigma_chip"):
+        if getattr(cfg, k) < 0:
+            raise PimcError(f"--{k.replace('_', '-')}: must be >= 0, got {getattr(cfg, k)}")
+    if cfg.lut_csv is not None and not Path(cfg.lut_csv).is_file():
+        raise PimcError(f"--adc-lut: file '{cfg.lut_csv}' not found")
+    return cfg
+
+
+def load_hw_nonideal(path) -> dict:
+    import tomllib
+    p = Path(path)
+    if not p.is_file():
+        raise PimcError(f"--hw: hardware file '{p}' not found")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PimcError(f"--hw: '{p}' is not valid TOML: {e}")
+    t = doc.get("nonideal", {})
+    if not isinstance(t, dict):
+        raise PimcError(f"--hw: '{p}': [nonideal] must be a table")
+    out = {}
+    types = {f.name: f.type for f in dataclasses.fields(ChipConfig)}
+    for k, v in t.items():
+        k = k.replace("-", "_")
+        if k not in types:
+            raise PimcError(f"--hw: '{p}': unknown key '{k}' in [nonideal]; known: {', '.join(types)}")
+        if "float" in str(types[k]) and not isinstance(v, (int, float)):
+            raise PimcError(f"--hw: '{p}': [nonideal] {k} must be a number, got {v!r}")
+        out[k] = float(v) if "float" in str(types[k]) else v
+    if "lut_csv" in out and not Path(out["lut_csv"]).is_absolute():
+        out["lut_csv"] = str((p.parent / out["lut_csv"]).resolve())
+    return out
+
+
+def transfer_lut(cfg: ChipConfig, bits: int) -> np.ndarray:
+    L = 2 ** bits
+    if cfg.lut_csv:
+        lut = read_lut_csv(cfg.lut_csv)
+        if lut.shape[0] != L:
+            raise PimcError(f"--adc-lut: '{cfg.lut_csv}' holds {lut.shape[0]} levels, the {bits}-bit ADC needs {L}")
+        return lut
+    k = np.arange(L, dtype=np.float64)
+    return (k + cfg.inl * np.sin(np.pi * k / max(L - 1, 1))).astype(np.float32)
+
+
+def read_lut_csv(path) -> np.ndarray:
+    """A measured transfer curve: one level per line, or ``code,level`` rows (a header row is skipped).
+
+    Level k is where the ideal code k lands on the converter's input axis, in LSB.
+    The curve must be increasing.
+    """
+    rows = []
+    try:
+        with open(path, newline="") as f:
+            for r in csv.reader(f):
+                r = [c.strip() for c in r if c.strip()]
+                if not r:
+                    continue
+                try:
+                    rows.append([float(c) for c in r])
+                except ValueError:
+                    if rows:
+                        raise
+    except (OSError, ValueError) as e:
+        raise PimcError(f"--adc-lut: '{path}' is not a CSV of numbers: {e}")
+    if not rows:
+        raise PimcError(f"--adc-lut: '{path}' holds no levels")
+    lut = np.array([r[-1] for r in rows], np.float32)
+    if len(rows[0]) >= 2:
+        order = np.argsort([r[0] for r in rows])
+        lut = lut[order]
+    if np.any(np.diff(lut) <= 0):
+        raise PimcError(f"--adc-lut: '{path}': the transfer curve must be strictly increasing")
+    return lut
+
+
+def read_mapping(model: onnx.ModelProto, source: str = "model") -> dict:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "pimc.mapping" not in meta:
+        raise PimcError(f"'{source}' is not a pimc PIM IR model (no pimc.mapping metadata); compile it with "
+                        f"'pimc compile' first, or drop the PIM options")
+    return json.loads(meta["pimc.mapping"])
+
+
+def _chunk_cols(L: dict, chunk: dict) -> np.ndarray:
+    t = L["tiling"]
+    T, S = t["tiles_per_group"], len(L["slicing"]["weight_slices"])
+    G, cout_g = L["group"], L["cout"] // L["group"]
+    (t0, t1), (s0, s1) = chunk["tiles"], chunk["slices"]
+    gi, tt, ss, o = np.meshgrid(np.arange(G), np.arange(t0, t1), np.arange(s0, s1), np.arange(cout_g), indexing="ij")
+    return (((gi * T + tt) * S + ss) * cout_g + o).reshape(-1)
+
+
+def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model") -> onnx.ModelProto:
+    """A copy of a compiled model with this chip's static draws and non-ideal ADC ops."""
+    mapping = read_mapping(model, source)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if chip.ideal:
+        return out
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = {n.name: n for n in out.graph.node}
+    chip_theta = np.random.default_rng([chip.chip_seed, 2 ** 20]).normal(0.0, chip.device_sigma_chip) \
+        if chip.device_sigma_chip > 0 else 0.0
+    luts = {}
+    for li, L in enumerate(mapping["layers"]):
+        if "adc" not in L:
+            continue
+        ncols = L["adc"]["columns"]
+        bits = L["adc"]["bits"]
+        rng = np.random.default_rng([chip.chip_seed, li])
+        gain = rng.normal(1.0, chip.gain_sigma, ncols).astype(np.float32) if chip.adc == "nonideal" else None
+        offset = rng.normal(0.0, chip.offset_sigma, ncols).astype(np.float32) if chip.adc == "nonideal" else None
+        theta = chip_theta
+        if chip.device_sigma_chip > 0 and chip.device_scope == "layer":
+            theta = np.random.default_rng([chip.chip_seed, li, 1]).normal(0.0, chip.device_sigma_chip)
+        cell_rng = np.random.default_rng([chip.chip_seed, li, 2])
+        chunks = L.get("chunks") or [{"tiles": [0, L["tiling"]["tiles_per_group"]],
+                                      "slices": [0, len(L["slicing"]["weight_slices"])], "suffix": ""}]
+        m = L["tiling"]["channels_per_tile"]
+        kh, kw = L["kernel"]
+        cell_theta = (cell_rng.normal(0.0, chip.device_sigma_cell, (ncols, m, kh, kw))
+                      if chip.device_sigma_cell > 0 else None)
+        prefix = f"{L['name']}/pimc/"
+        for ci, chunk in enumerate(chunks):
+            sfx = chunk["suffix"]
+            cols = _chunk_cols(L, chunk)
+            if chip.device_sigma_cell > 0 or chip.device_sigma_chip > 0:
+                t = inits[prefix + "array_weight" + sfx]
+                w = numpy_helper.to_array(t).astype(np.float64)
+                factor = np.exp(theta + (cell_theta[cols] if cell_theta is not None else 0.0))
+                t.CopyFrom(numpy_helper.from_array((w * factor).astype(np.float32), t.name))
+            if chip.adc != "nonideal":
+                continue
+            node = nodes.get(prefix + "adc" + sfx)
+            if node is None or node.op_type != "AdcQuantize":
+                raise PimcError(f"'{source}': layer '{L['name']}' has no AdcQuantize node '{prefix}adc{sfx}'; "
+                                f"recompile it with this pimc version")
+            if bits not in luts:
+                luts[bits] = f"pimc/chip/lut{bits}"
+                out.graph.initializer.append(numpy_helper.from_array(transfer_lut(chip, bits), luts[bits]))
+            g_name, o_name = prefix + "chip_gain" + sfx, prefix + "chip_offset" + sfx
+            out.graph.initializer.extend([
+                numpy_helper.from_array(gain[cols].reshape(1, -1, 1, 1), g_name),
+                numpy_helper.from_array(offset[cols].reshape(1, -1, 1, 1), o_name)])
+            seed = int(hash31((hash31(chip.chip_seed) + li * 7919 + ci * 104729) % M31))
+            new = helper.make_node("AdcQuantizeNonIdeal", [*node.input[:3], g_name, o_name, luts[bits]],
+                                   list(node.output), name=node.name, domain=DOMAIN, bits=bits,
+                                   noise_sigma=float(chip.noise_sigma), seed=seed)
+            node.CopyFrom(new)
+    have = {f.name for f in out.functions}
+    if chip.adc == "nonideal" and "AdcQuantizeNonIdeal" not in have:
+        out.functions.extend(function_protos(["AdcQuantizeNonIdeal"]))
+    out.metadata_props.add(key="pimc.chip", value=chip.to_json())
+    return out

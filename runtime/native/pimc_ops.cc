@@ -1,0 +1,310 @@
+// Native CPU kernels of the pimc PIM IR (domain ai.pimc, version 1).
+//
+// Each kernel computes exactly the formula of its ONNX function body in
+// runtime/ops.py (same float32 operations in the same order, round half to
+// even via std::nearbyint, no FMA contraction), so the ideal path is bit
+// identical to the function bodies and to numpy.  Built by pimc.runtime.native
+// against onnxruntime's C/C++ headers (API version 21 or newer); it needs no
+// onnxruntime library at link time.  Threads come from onnxruntime's own pool
+// (KernelContext::ParallelFor): no OpenMP.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t M31 = 2147483648LL;
+
+inline int64_t hash31(int64_t x) {
+  x %= M31;
+  if (x < 0) x += M31;
+  x = (x * 1103515245LL + 12345LL) % M31;
+  x = (x + x / 8192) % M31;
+  x = (x * 1664525LL + 1013904223LL) % M31;
+  x = (x + x / 131072) % M31;
+  x = (x * 22695477LL + 1LL) % M31;
+  return x;
+}
+
+struct Shape4 {
+  int64_t rows = 1, cols = 1, inner = 1, total = 1;
+};
+
+Shape4 shape_of(const std::vector<int64_t>& s) {
+  Shape4 r;
+  r.total = 1;
+  for (auto d : s) r.total *= d;
+  r.rows = s.empty() ? 1 : s[0];
+  r.cols = s.size() > 1 ? s[1] : 1;
+  r.inner = 1;
+  for (size_t i = 2; i < s.size(); ++i) r.inner *= s[i];
+  return r;
+}
+
+// A per-column parameter: a scalar, or one value per column (axis 1).
+struct ColParam {
+  const float* p;
+  int64_t n;
+  float at(int64_t col) const { return n == 1 ? p[0] : p[col]; }
+};
+
+ColParam col_param(Ort::KernelContext& ctx, size_t i, int64_t cols, const char* op, const char* what) {
+  auto v = ctx.GetInput(i);
+  int64_t n = v.GetTensorTypeAndShapeInfo().GetElementCount();
+  if (n != 1 && n != cols)
+    ORT_CXX_API_THROW(std::string(op) + ": input '" + what + "' must hold 1 or one value per column",
+                      ORT_INVALID_ARGUMENT);
+  return {v.GetTensorData<float>(), n};
+}
+
+template <typename F>
+void parallel(Ort::KernelContext& ctx, int64_t n, F&& f) {
+  struct Ctx { F* f; };
+  Ctx c{&f};
+  if (n <= 1) {
+    if (n == 1) f(0);
+    return;
+  }
+  ctx.ParallelFor([](void* u, size_t i) { (*static_cast<Ctx*>(u)->f)(static_cast<int64_t>(i)); },
+                  static_cast<size_t>(n), 0, &c);
+}
+
+// ------------------------------------------------------------------ QuantizeInput
+struct QuantizeInputKernel {
+  int64_t bits, sign;
+  QuantizeInputKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    bits = ki.GetAttribute<int64_t>("bits");
+    sign = ki.GetAttribute<int64_t>("signed");
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto x = ctx.GetInput(0);
+    auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    const float* xp = x.GetTensorData<float>();
+    const float scale = ctx.GetInput(1).GetTensorData<float>()[0];
+    float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+    const float full = std::pow(2.0f, static_cast<float>(bits));
+    const float shift = static_cast<float>(sign) * std::pow(2.0f, static_cast<float>(bits) - 1.0f);
+    const float lo = -shift, hi = (full - 1.0f) - shift;
+    const int64_t n = shape_of(shape).total, block = 16384;
+    parallel(ctx, (n + block - 1) / block, [&](int64_t b) {
+      for (int64_t i = b * block, e = std::min(n, i + block); i < e; ++i)
+        y[i] = std::min(std::max(std::nearbyint(xp[i] / scale), lo), hi);
+    });
+  }
+};
+
+// ------------------------------------------------------------------ BitPlanes
+struct BitPlanesKernel {
+  int64_t bits;
+  BitPlanesKernel(const OrtApi&, const OrtKernelInfo* info) {
+    bits = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits");
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto q = ctx.GetInput(0);
+    auto shape = q.GetTensorTypeAndShapeInfo().GetShape();
+    const float* qp = q.GetTensorData<float>();
+    auto oshape = shape;
+    oshape[0] *= bits;
+    float* y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
+    const int64_t n = shape_of(shape).total, block = 16384;
+    const float full = std::pow(2.0f, static_cast<float>(bits));
+    const int64_t nb = (n + block - 1) / block;
+    parallel(ctx, nb, [&](int64_t b) {
+      for (int64_t i = b * block, e = std::min(n, i + block); i < e; ++i) {
+        float u = qp[i] < 0.0f ? qp[i] + full : qp[i];
+        int64_t v = static_cast<int64_t>(u);
+        for (int64_t p = 0; p < bits; ++p) y[p * n + i] = static_cast<float>((v >> p) & 1);
+      }
+    });
+  }
+};
+
+// ------------------------------------------------------------------ AdcQuantize
+struct AdcKernel {
+  int64_t bits;
+  AdcKernel(const OrtApi&, const OrtKernelInfo* info) { bits = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits"); }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto s = ctx.GetInput(0);
+    auto shape = s.GetTensorTypeAndShapeInfo().GetShape();
+    Shape4 sh = shape_of(shape);
+    const float* sp = s.GetTensorData<float>();
+    ColParam sc = col_param(ctx, 1, sh.cols, "AdcQuantize", "scale"), zp = col_param(ctx, 2, sh.cols, "AdcQuantize", "zero_point");
+    float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
+    parallel(ctx, sh.rows * sh.cols, [&](int64_t rc) {
+      const int64_t c = rc % sh.cols;
+      const float d = sc.at(c), z = zp.at(c);
+      const float* in = sp + rc * sh.inner;
+      float* out = y + rc * sh.inner;
+      for (int64_t i = 0; i < sh.inner; ++i) {
+        float code = std::min(std::max(std::nearbyint(in[i] / d) + z, 0.0f), top);
+        out[i] = (code - z) * d;
+      }
+    });
+  }
+};
+
+// ------------------------------------------------------------------ AdcQuantizeNonIdeal
+struct AdcNonIdealKernel {
+  int64_t bits, seed;
+  float sigma;
+  AdcNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    bits = ki.GetAttribute<int64_t>("bits");
+    seed = ki.GetAttribute<int64_t>("seed");
+    sigma = ki.GetAttribute<float>("noise_sigma");
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto s = ctx.GetInput(0);
+    auto shape = s.GetTensorTypeAndShapeInfo().GetShape();
+    Shape4 sh = shape_of(shape);
+    const float* sp = s.GetTensorData<float>();
+    const char* op = "AdcQuantizeNonIdeal";
+    ColParam sc = col_param(ctx, 1, sh.cols, op, "scale"), zp = col_param(ctx, 2, sh.cols, op, "zero_point");
+    ColParam gn = col_param(ctx, 3, sh.cols, op, "gain"), of = col_param(ctx, 4, sh.cols, op, "offset");
+    auto lutv = ctx.GetInput(5);
+    const float* lut = lutv.GetTensorData<float>();
+    const int64_t L = lutv.GetTensorTypeAndShapeInfo().GetElementCount();
+    float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
+    if (L != static_cast<int64_t>(top) + 1)
+      ORT_CXX_API_THROW("AdcQuantizeNonIdeal: lut must hold 2^bits levels", ORT_INVALID_ARGUMENT);
+    const int64_t row = sh.cols * sh.inner;
+    std::vector<int64_t> key(sh.rows, 0);
+    if (sigma > 0.0f) {
+      const int64_t hs = hash31(seed);
+      parallel(ctx, sh.rows, [&](int64_t r) {
+        double acc = 0.0;
+        const float* in = sp + r * row;
+        for (int64_t i = 0; i < row; ++i) acc += std::floor(static_cast<double>(in[i]) * 16.0);
+        int64_t rk = static_cast<int64_t>(std::fmod(std::fabs(acc), 2147483648.0));
+        key[r] = hash31(rk + hs);
+      });
+    }
+    parallel(ctx, sh.rows * sh.cols, [&](int64_t rc) {
+      const int64_t r = rc / sh.cols, c = rc % sh.cols;
+      const float d = sc.at(c), z = zp.at(c), g = gn.at(c), o = of.at(c);
+      const float* in = sp + rc * sh.inner;
+      float* out = y + rc * sh.inner;
+      for (int64_t i = 0; i < sh.inner; ++i) {
+        float rr = in[i] / d;
+        float gr = g * rr;
+        float v = gr + o;
+        float w = v + z;
+        float wc = std::min(std::max(w, 0.0f), top);
+        float k0f = std::min(std::floor(wc), top - 1.0f);
+        float frac = wc - k0f;
+        int64_t k0 = static_cast<int64_t>(k0f);
+        float lo = lut[k0], hi = lut[k0 + 1];
+        float f = (lo + frac * (hi - lo)) + (w - wc);
+        if (sigma > 0.0f) {
+          int64_t cnt = c * sh.inner + i;
+          int64_t h1 = hash31(hash31(cnt) + key[r]);
+          int64_t h2 = hash31(h1 + 1234567);
+          float u1 = (static_cast<float>(h1) + 0.5f) / 2147483648.0f;
+          float u2 = (static_cast<float>(h2) + 0.5f) / 2147483648.0f;
+          float zn = std::sqrt(-2.0f * std::log(u1)) * std::cos(6.2831855f * u2);
+          f = f + sigma * zn;
+        }
+        float code = std::min(std::max(std::nearbyint(f), 0.0f), top);
+        out[i] = (code - z) * d;
+      }
+    });
+  }
+};
+
+// ------------------------------------------------------------------ Recombine
+struct RecombineKernel {
+  int64_t P, G, T, S;
+  RecombineKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    P = ki.GetAttribute<int64_t>("planes");
+    G = ki.GetAttribute<int64_t>("groups");
+    T = ki.GetAttribute<int64_t>("tiles");
+    S = ki.GetAttribute<int64_t>("slices");
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto a = ctx.GetInput(0);
+    auto shape = a.GetTensorTypeAndShapeInfo().GetShape();
+    Shape4 sh = shape_of(shape);
+    const float* ap = a.GetTensorData<float>();
+    const float* coef = ctx.GetInput(1).GetTensorData<float>();
+    if (sh.rows % P != 0 || sh.cols % (G * T * S) != 0)
+      ORT_CXX_API_THROW("Recombine: input shape does not match planes/groups/tiles/slices", ORT_INVALID_ARGUMENT);
+    const int64_t B = sh.rows / P, coutg = sh.cols / (G * T * S), inner = sh.inner;
+    auto oshape = shape;
+    oshape[0] = B;
+    oshape[1] = G * coutg;
+    float* y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
+    // one task per (image, group, output channel): double accumulation in a fixed order
+    parallel(ctx, B * G * coutg, [&](int64_t task) {
+      const int64_t b = task / (G * coutg), go = task % (G * coutg), g = go / coutg, o = go % coutg;
+      std::vector<double> acc(inner, 0.0);
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t s = 0; s < S; ++s) {
+            const double k = coef[p * S + s];
+            const int64_t col = ((g * T + t) * S + s) * coutg + o;
+            const float* in = ap + ((p * B + b) * sh.cols + col) * inner;
+            for (int64_t i = 0; i < inner; ++i) acc[i] += static_cast<double>(in[i]) * k;
+          }
+      float* out = y + (b * G * coutg + go) * inner;
+      for (int64_t i = 0; i < inner; ++i) out[i] = static_cast<float>(acc[i]);
+    });
+  }
+};
+
+template <typename Kernel, int NIn>
+struct Op : Ort::CustomOpBase<Op<Kernel, NIn>, Kernel> {
+  const char* name;
+  explicit Op(const char* n) : name(n) {}
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Kernel(api, info); }
+  const char* GetName() const { return name; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return NIn; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  static Op<QuantizeInputKernel, 2> quantize_input("QuantizeInput");
+  static Op<BitPlanesKernel, 1> bit_planes("BitPlanes");
+  static Op<AdcKernel, 3> adc("AdcQuantize");
+  static Op<AdcNonIdealKernel, 6> adc_nonideal("AdcQuantizeNonIdeal");
+  static Op<RecombineKernel, 2> recombine("Recombine");
+  static Ort::CustomOpDomain domain{"ai.pimc"};
+  static std::once_flag once;
+  OrtStatus* status = nullptr;
+  try {
+    std::call_once(once, [] {
+      domain.Add(&quantize_input);
+      domain.Add(&bit_planes);
+      domain.Add(&adc);
+      domain.Add(&adc_nonideal);
+      domain.Add(&recombine);
+    });
+    Ort::UnownedSessionOptions(options).Add(domain);
+  } catch (const Ort::Exception& e) {
+    status = Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return status;
+}
+
+extern "C" const char* PimcNativeVersion() { return "pimc-native 1"; }
