@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from pimc.calibration import run_with_probes
-from pimc.lowering import array_weights, chunk_columns, emit_layer
+from pimc.lowering import array_weights, chunk_columns, emit_layer, tile_classes
 from pimc.mapping import AdcPlan, LayerPlan
 from pimc.model import PimModel
 from .base import Transformation
@@ -58,7 +58,7 @@ class InsertAdc(Transformation):
                 axes = onnx.helper.make_tensor("pimc_probe/axes", onnx.TensorProto.INT64, [3], [0, 2, 3])
                 proto.graph.initializer.append(axes)
                 for i, p in enumerate(plans):
-                    chunks = p.chunks or [(0, p.n_tiles, 0, p.n_slices)]
+                    chunks = p.chunks or tile_classes(p, 0, p.n_slices)
                     for ci in range(len(chunks)):
                         src = f"{p.name}/pimc/array_mac{'_%d' % ci if len(chunks) > 1 else ''}:0"
                         for op in ("ReduceMin", "ReduceMax"):
@@ -73,7 +73,7 @@ class InsertAdc(Transformation):
             for p in plans:
                 lo = np.zeros(p.n_columns)
                 hi = np.zeros(p.n_columns)
-                for chunk in p.chunks or [(0, p.n_tiles, 0, p.n_slices)]:
+                for chunk in p.chunks or tile_classes(p, 0, p.n_slices):
                     cols = chunk_columns(p, chunk)
                     lo[cols] = np.min(np.stack(next(res)), axis=0)
                     hi[cols] = np.max(np.stack(next(res)), axis=0)

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from pimc.lowering import emit_layer
+from pimc.lowering import emit_layer, tile_classes
 from pimc.mapping import SlicePlan
 from pimc.model import PimModel
 from pimc.runtime.ops import input_range, plane_weights
@@ -71,16 +71,16 @@ REFERENCE_BATCH = 256
 
 
 def plan_chunks(p, chunk_mib: int) -> list[tuple[int, int, int, int]]:
-    """Split the (tile, slice) pairs so each chunk's partial sums fit the budget."""
+    """Split the (tile, slice) pairs so each chunk's partial sums fit the budget.
+
+    Tiles of different widths never share a chunk (see lowering.tile_classes).
+    """
     T, S = p.n_tiles, p.n_slices
     spatial = p.out_spatial() or [32, 32]
     pair_bytes = 4 * p.n_planes * REFERENCE_BATCH * p.group * p.cout_g * int(np.prod(spatial))
     pairs = max(1, int(chunk_mib * 2 ** 20 // pair_bytes))
-    if pairs >= T * S:
-        return [(0, T, 0, S)]
     if pairs >= S:
-        step = pairs // S
-        return [(t, min(t + step, T), 0, S) for t in range(0, T, step)]
+        return tile_classes(p, 0, S, step=max(1, pairs // S))
     return [(t, t + 1, s, min(s + pairs, S)) for t in range(T) for s in range(0, S, pairs)]
 
 

@@ -34,7 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pimc.errors import PimcError
-from .ops import DOMAIN, M31, function_protos, hash31
+from .ops import DOMAIN, function_protos, mix32
 
 CHIP_PRESETS = {
     "pimqat-chip7": ("PIM-QAT 7-bit prototype chip: ADC gain N(1, 0.024), offset N(0, 2.04) LSB per column",
@@ -213,7 +213,7 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
             if chip.device_sigma_cell > 0 or chip.device_sigma_chip > 0:
                 t = inits[prefix + "array_weight" + sfx]
                 w = numpy_helper.to_array(t).astype(np.float64)
-                factor = np.exp(theta + (cell_theta[cols] if cell_theta is not None else 0.0))
+                factor = np.exp(theta + (cell_theta[cols][:, :w.shape[1]] if cell_theta is not None else 0.0))
                 t.CopyFrom(numpy_helper.from_array((w * factor).astype(np.float32), t.name))
             if chip.adc != "nonideal":
                 continue
@@ -228,7 +228,7 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
             out.graph.initializer.extend([
                 numpy_helper.from_array(gain[cols].reshape(1, -1, 1, 1), g_name),
                 numpy_helper.from_array(offset[cols].reshape(1, -1, 1, 1), o_name)])
-            seed = int(hash31((hash31(chip.chip_seed) + li * 7919 + ci * 104729) % M31))
+            seed = int(mix32(np.int64(chip.chip_seed) * 1000003 + li * 7919 + ci * 104729)) & 0x7FFFFFFF
             new = helper.make_node("AdcQuantizeNonIdeal", [*node.input[:3], g_name, o_name, luts[bits]],
                                    list(node.output), name=node.name, domain=DOMAIN, bits=bits,
                                    noise_sigma=float(chip.noise_sigma), seed=seed)

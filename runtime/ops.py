@@ -204,39 +204,58 @@ RECOMBINE = OpDef(
 # Counter-based noise: a conversion's thermal noise is a pure function of
 # (seed, the row's partial sums, the position in the row), so it never depends
 # on the batch size or on the other images of a batch, and the same seed gives
-# the same outputs on every run.  The hash uses only int64 multiply, add,
-# floor-divide and modulo (values stay below 2^62), so the ONNX function body,
-# the native kernel and numpy compute identical integers.
-M31 = 2 ** 31
+# the same outputs on every run.  All integer steps are uint32 arithmetic that
+# wraps modulo 2^32 (multiply, add, shift right), so the ONNX function body, the
+# native kernel and numpy compute identical integers; the normal deviate is the
+# Irwin-Hall sum of four 16-bit uniforms (mean 0, variance 1, tails cut at
+# +-2*sqrt(3)), which needs no transcendental function and is exact in float32.
+U32 = np.uint32
+MIX = (2654435761, 2246822507, 3266489909)
+SQRT3 = np.float32(1.7320508)
 
 
-def hash31(x):
-    x = np.asarray(x, np.int64) % M31
-    x = (x * 1103515245 + 12345) % M31
-    x = (x + x // 8192) % M31
-    x = (x * 1664525 + 1013904223) % M31
-    x = (x + x // 131072) % M31
-    x = (x * 22695477 + 1) % M31
-    return x
+def mix32(x) -> np.ndarray:
+    x = np.asarray(x).astype(U32)
+    with np.errstate(over="ignore"):
+        x = x * U32(MIX[0])
+        x = x + (x >> U32(16))
+        x = x * U32(MIX[1])
+        x = x + (x >> U32(13))
+        x = x * U32(MIX[2])
+        x = x + (x >> U32(16))
+    return x.astype(U32)
+
+
+def mix2(x) -> np.ndarray:
+    """The cheaper two-multiply mix used per conversion."""
+    x = np.asarray(x).astype(U32)
+    with np.errstate(over="ignore"):
+        x = x + (x >> U32(16))
+        x = x * U32(2146121005)
+        x = x + (x >> U32(15))
+        x = x * U32(2221713035)
+        x = x + (x >> U32(16))
+    return x.astype(U32)
 
 
 def row_keys_np(s: np.ndarray) -> np.ndarray:
-    """Per batch row: sum of floor(16 s) in float64 (exact, order-free), mod 2^31."""
+    """Per batch row: sum of floor(16 s) in float64 (exact, order-free), modulo 2^32."""
     s = np.asarray(s, np.float32)
     f = np.floor(s.astype(np.float64) * 16.0).reshape(s.shape[0], -1).sum(1)
-    return np.mod(np.abs(f), float(M31)).astype(np.int64)
+    return np.mod(np.abs(f), 2.0 ** 32).astype(np.int64).astype(U32)
 
 
 def thermal_noise_np(s: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     rows = s.shape[0]
     n = int(np.prod(s.shape[1:]))
-    k = hash31((row_keys_np(s) + hash31(seed)) % M31)[:, None]
-    h1 = hash31((hash31(np.arange(n, dtype=np.int64))[None, :] + k) % M31)
-    h2 = hash31((h1 + 1234567) % M31)
-    u1 = ((h1.astype(np.float32) + np.float32(0.5)) / np.float32(M31)).astype(np.float32)
-    u2 = ((h2.astype(np.float32) + np.float32(0.5)) / np.float32(M31)).astype(np.float32)
-    z = np.sqrt(np.float32(-2) * np.log(u1)) * np.cos(np.float32(2 * np.pi) * u2)
-    return (np.float32(sigma) * z).astype(np.float32).reshape(rows, *s.shape[1:])
+    with np.errstate(over="ignore"):
+        key = mix32(row_keys_np(s) + mix32(np.int64(seed)))[:, None]
+        h1 = mix2(mix32(np.arange(n, dtype=np.int64))[None, :] + key)
+        h2 = h1 * U32(MIX[0])
+        h2 = h2 + (h2 >> U32(15))
+    f = sum(v.astype(np.float32) for v in (h1 % U32(65536), h1 >> U32(16), h2 % U32(65536), h2 >> U32(16)))
+    z = (f + np.float32(2)) / np.float32(65536) - np.float32(2)
+    return ((np.float32(sigma) * SQRT3) * z).astype(np.float32).reshape(rows, *s.shape[1:])
 
 
 def transfer_np(w: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -263,23 +282,16 @@ def adc_quantize_nonideal_np(s, scale, zero_point, gain, offset, lut, *, bits: i
     return ((code - zp) * scale).astype(np.float32)
 
 
-_HASH_BODY = """
-  {o}_a = Mod ({i}, m31)
-  {o}_b = Mul ({o}_a, k1)
-  {o}_c = Add ({o}_b, c1)
-  {o}_d = Mod ({o}_c, m31)
-  {o}_e = Div ({o}_d, d13)
+_MIX_BODY = """
+  {o}_a = Mul ({i}, mk1)
+  {o}_b = BitShift <direction = "RIGHT"> ({o}_a, sh16)
+  {o}_c = Add ({o}_a, {o}_b)
+  {o}_d = Mul ({o}_c, mk2)
+  {o}_e = BitShift <direction = "RIGHT"> ({o}_d, sh13)
   {o}_f = Add ({o}_d, {o}_e)
-  {o}_g = Mod ({o}_f, m31)
-  {o}_h = Mul ({o}_g, k2)
-  {o}_i = Add ({o}_h, c2)
-  {o}_j = Mod ({o}_i, m31)
-  {o}_k = Div ({o}_j, d17)
-  {o}_l = Add ({o}_j, {o}_k)
-  {o}_m = Mod ({o}_l, m31)
-  {o}_n = Mul ({o}_m, k3)
-  {o}_p = Add ({o}_n, one64)
-  {o} = Mod ({o}_p, m31)
+  {o}_g = Mul ({o}_f, mk3)
+  {o}_h = BitShift <direction = "RIGHT"> ({o}_g, sh16)
+  {o} = Add ({o}_g, {o}_h)
 """
 
 ADC_QUANTIZE_NONIDEAL = OpDef(
@@ -314,31 +326,33 @@ ADC_QUANTIZE_NONIDEAL = OpDef(
   f = Add (interp, outside)
   sigma = Constant <value_float: float = @noise_sigma> ()
   seedv = Constant <value_int: int = @seed> ()
-  m31 = Constant <value_int = 2147483648> ()
-  k1 = Constant <value_int = 1103515245> ()
-  c1 = Constant <value_int = 12345> ()
-  k2 = Constant <value_int = 1664525> ()
-  c2 = Constant <value_int = 1013904223> ()
-  k3 = Constant <value_int = 22695477> ()
-  d13 = Constant <value_int = 8192> ()
-  d17 = Constant <value_int = 131072> ()
-  salt = Constant <value_int = 1234567> ()
-  m31f = Constant <value = double {2147483648.0}> ()
+  mk1 = Constant <value = uint32 {2654435761}> ()
+  mk2 = Constant <value = uint32 {2246822507}> ()
+  mk3 = Constant <value = uint32 {3266489909}> ()
+  nk1 = Constant <value = uint32 {2146121005}> ()
+  nk2 = Constant <value = uint32 {2221713035}> ()
+  sh15 = Constant <value = uint32 {15}> ()
+  sh16 = Constant <value = uint32 {16}> ()
+  sh13 = Constant <value = uint32 {13}> ()
+  m16 = Constant <value = uint32 {65536}> ()
+  p32 = Constant <value = double {4294967296.0}> ()
   sixteen = Constant <value = double {16.0}> ()
-  twopi = Constant <value_float = 6.2831855> ()
-  m2 = Constant <value_float = -2.0> ()
-  m31s = Constant <value_float = 2147483648.0> ()
+  sqrt3 = Constant <value_float = 1.7320508> ()
+  twof = Constant <value_float = 2.0> ()
+  den = Constant <value_float = 65536.0> ()
   sd = Cast <to = 11> (s)
   s16 = Mul (sd, sixteen)
   sfl = Floor (s16)
   raxes = Constant <value_ints = [1, 2, 3]> ()
   rsum = ReduceSum <keepdims = 1> (sfl, raxes)
   rabs = Abs (rsum)
-  rmod = Mod <fmod = 1> (rabs, m31f)
-  rkey = Cast <to = 7> (rmod)
-""" + _HASH_BODY.format(o="hs", i="seedv") + """
-  rk = Add (rkey, hs)
-""" + _HASH_BODY.format(o="kr", i="rk") + """
+  rmod = Mod <fmod = 1> (rabs, p32)
+  rk64 = Cast <to = 7> (rmod)
+  rk = Cast <to = 12> (rk64)
+  seedu = Cast <to = 12> (seedv)
+""" + _MIX_BODY.format(o="ms", i="seedu") + """
+  rks = Add (rk, ms)
+""" + _MIX_BODY.format(o="key", i="rks") + """
   zero64 = Constant <value_int = 0> ()
   rowshape = Shape <start = 1> (s)
   rowsize = ReduceProd <keepdims = 0> (rowshape)
@@ -346,24 +360,36 @@ ADC_QUANTIZE_NONIDEAL = OpDef(
   onev = Constant <value_ints = [1]> ()
   cshape = Concat <axis = 0> (onev, rowshape)
   cnt4 = Reshape (cnt, cshape)
-""" + _HASH_BODY.format(o="hc", i="cnt4") + """
-  hck = Add (hc, kr)
-""" + _HASH_BODY.format(o="h1", i="hck") + """
-  h1s = Add (h1, salt)
-""" + _HASH_BODY.format(o="h2", i="h1s") + """
-  h1f = Cast <to = 1> (h1)
-  h2f = Cast <to = 1> (h2)
-  u1a = Add (h1f, half)
-  u1 = Div (u1a, m31s)
-  u2a = Add (h2f, half)
-  u2 = Div (u2a, m31s)
-  lu = Log (u1)
-  lm = Mul (m2, lu)
-  rad = Sqrt (lm)
-  ang = Mul (twopi, u2)
-  cs = Cos (ang)
-  z = Mul (rad, cs)
-  n = Mul (sigma, z)
+  cntu = Cast <to = 12> (cnt4)
+""" + _MIX_BODY.format(o="mc", i="cntu") + """
+  mck = Add (mc, key)
+  h1_a = BitShift <direction = "RIGHT"> (mck, sh16)
+  h1_b = Add (mck, h1_a)
+  h1_c = Mul (h1_b, nk1)
+  h1_d = BitShift <direction = "RIGHT"> (h1_c, sh15)
+  h1_e = Add (h1_c, h1_d)
+  h1_f = Mul (h1_e, nk2)
+  h1_g = BitShift <direction = "RIGHT"> (h1_f, sh16)
+  h1 = Add (h1_f, h1_g)
+  h2_a = Mul (h1, mk1)
+  h2_b = BitShift <direction = "RIGHT"> (h2_a, sh15)
+  h2 = Add (h2_a, h2_b)
+  a1 = Mod (h1, m16)
+  a2 = BitShift <direction = "RIGHT"> (h1, sh16)
+  a3 = Mod (h2, m16)
+  a4 = BitShift <direction = "RIGHT"> (h2, sh16)
+  f1 = Cast <to = 1> (a1)
+  f2 = Cast <to = 1> (a2)
+  f3 = Cast <to = 1> (a3)
+  f4 = Cast <to = 1> (a4)
+  f12 = Add (f1, f2)
+  f123 = Add (f12, f3)
+  fsum = Add (f123, f4)
+  fs2 = Add (fsum, twof)
+  fu = Div (fs2, den)
+  z = Sub (fu, twof)
+  ss = Mul (sigma, sqrt3)
+  n = Mul (ss, z)
   fn = Add (f, n)
   rr = Round (fn)
   code = Clip (rr, zero, top)

@@ -20,16 +20,24 @@
 
 namespace {
 
-constexpr int64_t M31 = 2147483648LL;
+// The noise generator of runtime/ops.py: uint32 arithmetic wrapping modulo 2^32.
+inline uint32_t mix32(uint32_t x) {
+  x *= 2654435761u;
+  x += x >> 16;
+  x *= 2246822507u;
+  x += x >> 13;
+  x *= 3266489909u;
+  x += x >> 16;
+  return x;
+}
 
-inline int64_t hash31(int64_t x) {
-  x %= M31;
-  if (x < 0) x += M31;
-  x = (x * 1103515245LL + 12345LL) % M31;
-  x = (x + x / 8192) % M31;
-  x = (x * 1664525LL + 1013904223LL) % M31;
-  x = (x + x / 131072) % M31;
-  x = (x * 22695477LL + 1LL) % M31;
+// A cheaper two-multiply mix for the per-conversion noise.
+inline uint32_t mix2(uint32_t x) {
+  x += x >> 16;
+  x *= 2146121005u;
+  x += x >> 15;
+  x *= 2221713035u;
+  x += x >> 16;
   return x;
 }
 
@@ -182,46 +190,88 @@ struct AdcNonIdealKernel {
     if (L != static_cast<int64_t>(top) + 1)
       ORT_CXX_API_THROW("AdcQuantizeNonIdeal: lut must hold 2^bits levels", ORT_INVALID_ARGUMENT);
     const int64_t row = sh.cols * sh.inner;
-    std::vector<int64_t> key(sh.rows, 0);
-    if (sigma > 0.0f) {
-      const int64_t hs = hash31(seed);
+    std::vector<uint32_t> key(sh.rows, 0), mixed_counter;
+    const bool noisy = sigma > 0.0f;
+    if (noisy) {
+      const uint32_t ms = mix32(static_cast<uint32_t>(seed));
       parallel(ctx, sh.rows, [&](int64_t r) {
-        double acc = 0.0;
-        const float* in = sp + r * row;
-        for (int64_t i = 0; i < row; ++i) acc += std::floor(static_cast<double>(in[i]) * 16.0);
-        int64_t rk = static_cast<int64_t>(std::fmod(std::fabs(acc), 2147483648.0));
-        key[r] = hash31(rk + hs);
+        // sum of floor(16 s): integers, so int64 accumulation equals the float64 sum of the body
+        // (four independent float64 partial sums of integers: exact, hence order-free, and vectorizable)
+        const float* __restrict in = sp + r * row;
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        int64_t i = 0;
+        for (; i + 4 <= row; i += 4) {
+          a0 += std::floor(static_cast<double>(in[i]) * 16.0);
+          a1 += std::floor(static_cast<double>(in[i + 1]) * 16.0);
+          a2 += std::floor(static_cast<double>(in[i + 2]) * 16.0);
+          a3 += std::floor(static_cast<double>(in[i + 3]) * 16.0);
+        }
+        for (; i < row; ++i) a0 += std::floor(static_cast<double>(in[i]) * 16.0);
+        const double acc = (a0 + a1) + (a2 + a3);
+        uint64_t mag = static_cast<uint64_t>(std::fmod(std::fabs(acc), 4294967296.0));
+        key[r] = mix32(static_cast<uint32_t>(mag) + ms);
       });
+      mixed_counter.resize(row);
+      for (int64_t i = 0; i < row; ++i) mixed_counter[i] = mix32(static_cast<uint32_t>(i));
     }
+    bool identity = true;
+    for (int64_t k = 0; k < L; ++k) identity = identity && lut[k] == static_cast<float>(k);
+    const float ss = sigma * 1.7320508f;
     parallel(ctx, sh.rows * sh.cols, [&](int64_t rc) {
       const int64_t r = rc / sh.cols, c = rc % sh.cols;
-      const float d = sc.at(c), z = zp.at(c), g = gn.at(c), o = of.at(c);
+      Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, key[r]};
       const float* in = sp + rc * sh.inner;
       float* out = y + rc * sh.inner;
-      for (int64_t i = 0; i < sh.inner; ++i) {
-        float rr = in[i] / d;
-        float gr = g * rr;
-        float v = gr + o;
-        float w = v + z;
-        float wc = std::min(std::max(w, 0.0f), top);
-        float k0f = std::min(std::floor(wc), top - 1.0f);
-        float frac = wc - k0f;
-        int64_t k0 = static_cast<int64_t>(k0f);
-        float lo = lut[k0], hi = lut[k0 + 1];
-        float f = (lo + frac * (hi - lo)) + (w - wc);
-        if (sigma > 0.0f) {
-          int64_t cnt = c * sh.inner + i;
-          int64_t h1 = hash31(hash31(cnt) + key[r]);
-          int64_t h2 = hash31(h1 + 1234567);
-          float u1 = (static_cast<float>(h1) + 0.5f) / 2147483648.0f;
-          float u2 = (static_cast<float>(h2) + 0.5f) / 2147483648.0f;
-          float zn = std::sqrt(-2.0f * std::log(u1)) * std::cos(6.2831855f * u2);
-          f = f + sigma * zn;
-        }
-        float code = std::min(std::max(std::nearbyint(f), 0.0f), top);
-        out[i] = (code - z) * d;
+      const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner : nullptr;
+      if (identity) {
+        if (noisy) convert<true, true>(in, out, mc, sh.inner, col, lut);
+        else convert<true, false>(in, out, mc, sh.inner, col, lut);
+      } else {
+        if (noisy) convert<false, true>(in, out, mc, sh.inner, col, lut);
+        else convert<false, false>(in, out, mc, sh.inner, col, lut);
       }
     });
+  }
+
+  struct Column {
+    float d, z, g, o, top, ss;
+    uint32_t key;
+  };
+
+  // One column's conversions; separate instantiations let the compiler vectorize
+  // the linear-curve and noise-free cases.
+  template <bool Identity, bool Noisy>
+  static void convert(const float* __restrict in, float* __restrict out, const uint32_t* __restrict mc, int64_t n,
+                      const Column& k, const float* __restrict lut) {
+    for (int64_t i = 0; i < n; ++i) {
+      float rr = in[i] / k.d;
+      float gr = k.g * rr;
+      float v = gr + k.o;
+      float w = v + k.z;
+      float wc = std::min(std::max(w, 0.0f), k.top);
+      float f;
+      if (Identity) {
+        f = wc + (w - wc);
+      } else {
+        float k0f = std::min(std::floor(wc), k.top - 1.0f);
+        float frac = wc - k0f;
+        int32_t k0 = static_cast<int32_t>(k0f);
+        float lo = lut[k0], hi = lut[k0 + 1];
+        f = (lo + frac * (hi - lo)) + (w - wc);
+      }
+      if (Noisy) {
+        uint32_t h1 = mix2(mc[i] + k.key);
+        uint32_t h2 = h1 * 2654435761u;
+        h2 += h2 >> 15;
+        float fs = static_cast<float>(static_cast<int32_t>(h1 & 0xFFFFu)) + static_cast<float>(static_cast<int32_t>(h1 >> 16));
+        fs = fs + static_cast<float>(static_cast<int32_t>(h2 & 0xFFFFu));
+        fs = fs + static_cast<float>(static_cast<int32_t>(h2 >> 16));
+        float zn = (fs + 2.0f) / 65536.0f - 2.0f;
+        f = f + k.ss * zn;
+      }
+      float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
+      out[i] = (code - k.z) * k.d;
+    }
   }
 };
 
