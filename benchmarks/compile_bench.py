@@ -128,7 +128,6 @@ def resnet18_imagenet() -> tuple[onnx.ModelProto, int]:
 
 
 def child(path: str, opts: str) -> None:
-    import resource
     import time
     import pimc
     kw = json.loads(opts)
