@@ -111,15 +111,21 @@ def _field_types() -> dict[str, type]:
     return out
 
 
-def load_hw_file(path: str | Path) -> dict:
-    """Read a hardware description TOML file into config overrides."""
+def read_hw_toml(path: str | Path) -> dict:
+    """Parse a hardware description file, or raise a one-line PimcError naming it."""
     p = Path(path)
     if not p.is_file():
         raise PimcError(f"--hw: hardware file '{p}' not found; give the path of a TOML file (format in README.md)")
     try:
-        doc = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PimcError(f"--hw: '{p}' is not valid TOML: {e}")
+
+
+def load_hw_file(path: str | Path) -> dict:
+    """Read a hardware description TOML file into config overrides."""
+    p = Path(path)
+    doc = read_hw_toml(p)
     flat: dict = {}
     for key, val in doc.items():
         if key in RUNTIME_TABLES:

@@ -92,15 +92,9 @@ def build_chip_config(preset: str | None = None, hw: str | Path | None = None, *
 
 
 def load_hw_nonideal(path) -> dict:
-    import tomllib
+    from pimc.config import read_hw_toml
     p = Path(path)
-    if not p.is_file():
-        raise PimcError(f"--hw: hardware file '{p}' not found")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PimcError(f"--hw: '{p}' is not valid TOML: {e}")
-    t = doc.get("nonideal", {})
+    t = read_hw_toml(p).get("nonideal", {})
     if not isinstance(t, dict):
         raise PimcError(f"--hw: '{p}': [nonideal] must be a table")
     out = {}

@@ -35,7 +35,10 @@ from pathlib import Path
 from pimc.errors import PimcError
 
 SOURCE = Path(__file__).parent / "native" / "pimc_ops.cc"
-FLAGS = ["-std=c++17", "-O3", "-march=x86-64-v2", "-ffp-contract=off", "-fPIC", "-shared"]
+# Built on the machine that runs it, so -march=native (AVX2 where there is one);
+# -ffp-contract=off keeps a*b+c unfused, as in the ONNX function bodies.  The cache
+# key includes the CPU's flags, so a shared cache never serves another CPU's build.
+FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
 HEADER = "onnxruntime_cxx_api.h"
 SYSTEM_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/usr/include", "/usr/local/include"]
 DEBIAN_SUITE, DEBIAN_PACKAGE = "trixie", "libonnxruntime-dev"
@@ -72,7 +75,7 @@ def build(force: bool = False) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise PimcError("no C++ compiler found (set CXX or install g++)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [str(inc), cxx]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [str(inc), cxx, _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / "native" / key / "libpimc_ops.so"
     if out.is_file() and not force:
         return out
@@ -86,6 +89,17 @@ def build(force: bool = False) -> Path:
         raise PimcError(f"building the native kernels failed: {' '.join(cmd)}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no output'}")
     os.replace(tmp, out)
     return out
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
 
 
 def native_library() -> Path | None:

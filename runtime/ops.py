@@ -207,8 +207,9 @@ RECOMBINE = OpDef(
 # the same outputs on every run.  All integer steps are uint32 arithmetic that
 # wraps modulo 2^32 (multiply, add, shift right), so the ONNX function body, the
 # native kernel and numpy compute identical integers; the normal deviate is the
-# Irwin-Hall sum of four 16-bit uniforms (mean 0, variance 1, tails cut at
-# +-2*sqrt(3)), which needs no transcendental function and is exact in float32.
+# Irwin-Hall sum of four 8-bit uniforms (the four bytes of one hash: mean 0,
+# variance 1, tails cut at +-2*sqrt(3)), which needs no transcendental function
+# and is exact in float32.
 U32 = np.uint32
 MIX = (2654435761, 2246822507, 3266489909)
 SQRT3 = np.float32(1.7320508)
@@ -250,11 +251,10 @@ def thermal_noise_np(s: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     n = int(np.prod(s.shape[1:]))
     with np.errstate(over="ignore"):
         key = mix32(row_keys_np(s) + mix32(np.int64(seed)))[:, None]
-        h1 = mix2(mix32(np.arange(n, dtype=np.int64))[None, :] + key)
-        h2 = h1 * U32(MIX[0])
-        h2 = h2 + (h2 >> U32(15))
-    f = sum(v.astype(np.float32) for v in (h1 % U32(65536), h1 >> U32(16), h2 % U32(65536), h2 >> U32(16)))
-    z = (f + np.float32(2)) / np.float32(65536) - np.float32(2)
+        h = mix2(mix32(np.arange(n, dtype=np.int64))[None, :] + key)
+    f = sum(v.astype(np.float32) for v in (h % U32(256), (h >> U32(8)) % U32(256), (h >> U32(16)) % U32(256),
+                                           h >> U32(24)))
+    z = (f + np.float32(2)) / np.float32(256) - np.float32(2)
     return ((np.float32(sigma) * SQRT3) * z).astype(np.float32).reshape(rows, *s.shape[1:])
 
 
@@ -334,12 +334,14 @@ ADC_QUANTIZE_NONIDEAL = OpDef(
   sh15 = Constant <value = uint32 {15}> ()
   sh16 = Constant <value = uint32 {16}> ()
   sh13 = Constant <value = uint32 {13}> ()
-  m16 = Constant <value = uint32 {65536}> ()
+  m8 = Constant <value = uint32 {256}> ()
+  sh8 = Constant <value = uint32 {8}> ()
+  sh24 = Constant <value = uint32 {24}> ()
   p32 = Constant <value = double {4294967296.0}> ()
   sixteen = Constant <value = double {16.0}> ()
   sqrt3 = Constant <value_float = 1.7320508> ()
   twof = Constant <value_float = 2.0> ()
-  den = Constant <value_float = 65536.0> ()
+  den = Constant <value_float = 256.0> ()
   sd = Cast <to = 11> (s)
   s16 = Mul (sd, sixteen)
   sfl = Floor (s16)
@@ -363,21 +365,20 @@ ADC_QUANTIZE_NONIDEAL = OpDef(
   cntu = Cast <to = 12> (cnt4)
 """ + _MIX_BODY.format(o="mc", i="cntu") + """
   mck = Add (mc, key)
-  h1_a = BitShift <direction = "RIGHT"> (mck, sh16)
-  h1_b = Add (mck, h1_a)
-  h1_c = Mul (h1_b, nk1)
-  h1_d = BitShift <direction = "RIGHT"> (h1_c, sh15)
-  h1_e = Add (h1_c, h1_d)
-  h1_f = Mul (h1_e, nk2)
-  h1_g = BitShift <direction = "RIGHT"> (h1_f, sh16)
-  h1 = Add (h1_f, h1_g)
-  h2_a = Mul (h1, mk1)
-  h2_b = BitShift <direction = "RIGHT"> (h2_a, sh15)
-  h2 = Add (h2_a, h2_b)
-  a1 = Mod (h1, m16)
-  a2 = BitShift <direction = "RIGHT"> (h1, sh16)
-  a3 = Mod (h2, m16)
-  a4 = BitShift <direction = "RIGHT"> (h2, sh16)
+  h_a = BitShift <direction = "RIGHT"> (mck, sh16)
+  h_b = Add (mck, h_a)
+  h_c = Mul (h_b, nk1)
+  h_d = BitShift <direction = "RIGHT"> (h_c, sh15)
+  h_e = Add (h_c, h_d)
+  h_f = Mul (h_e, nk2)
+  h_g = BitShift <direction = "RIGHT"> (h_f, sh16)
+  h = Add (h_f, h_g)
+  a1 = Mod (h, m8)
+  b2 = BitShift <direction = "RIGHT"> (h, sh8)
+  a2 = Mod (b2, m8)
+  b3 = BitShift <direction = "RIGHT"> (h, sh16)
+  a3 = Mod (b3, m8)
+  a4 = BitShift <direction = "RIGHT"> (h, sh24)
   f1 = Cast <to = 1> (a1)
   f2 = Cast <to = 1> (a2)
   f3 = Cast <to = 1> (a3)

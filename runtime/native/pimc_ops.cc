@@ -260,13 +260,11 @@ struct AdcNonIdealKernel {
         f = (lo + frac * (hi - lo)) + (w - wc);
       }
       if (Noisy) {
-        uint32_t h1 = mix2(mc[i] + k.key);
-        uint32_t h2 = h1 * 2654435761u;
-        h2 += h2 >> 15;
-        float fs = static_cast<float>(static_cast<int32_t>(h1 & 0xFFFFu)) + static_cast<float>(static_cast<int32_t>(h1 >> 16));
-        fs = fs + static_cast<float>(static_cast<int32_t>(h2 & 0xFFFFu));
-        fs = fs + static_cast<float>(static_cast<int32_t>(h2 >> 16));
-        float zn = (fs + 2.0f) / 65536.0f - 2.0f;
+        uint32_t h = mix2(mc[i] + k.key);
+        float fs = static_cast<float>(static_cast<int32_t>(h & 0xFFu)) + static_cast<float>(static_cast<int32_t>((h >> 8) & 0xFFu));
+        fs = fs + static_cast<float>(static_cast<int32_t>((h >> 16) & 0xFFu));
+        fs = fs + static_cast<float>(static_cast<int32_t>(h >> 24));
+        float zn = (fs + 2.0f) / 256.0f - 2.0f;
         f = f + k.ss * zn;
       }
       float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
