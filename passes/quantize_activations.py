@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from pimc.calibration import run_with_probes
 from pimc.lowering import emit_layer

@@ -22,16 +22,11 @@ from .model import PimModel
 BATCH = 64
 
 
-def _graph_inputs(model: PimModel):
-    init = set()
-    return [t for t in model.graph.inputs if t.name not in init]
-
-
 def calibration_inputs(model: PimModel) -> dict[str, np.ndarray]:
     if model.calib_inputs is not None:
         return model.calib_inputs
     cfg = model.config
-    inputs = _graph_inputs(model)
+    inputs = list(model.graph.inputs)
     if cfg.calib_data:
         arrays = load_array_file(cfg.calib_data, "--calib-data")
         feed = {}

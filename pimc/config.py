@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PimcError
@@ -195,8 +195,6 @@ def validate(cfg: CompileConfig) -> None:
     mag = cfg.weight_bits - 1 if cfg.differential_weights else cfg.weight_bits
     need(cfg.cell_bits <= mag, f"--cell-bits: {cfg.cell_bits} exceeds the {mag} bits a "
          f"{'differential weight magnitude' if cfg.differential_weights else 'weight'} has with --weight-bits {cfg.weight_bits}; use 0..{mag}")
-    if cfg.input_bits == 1 and not cfg.bit_serial_inputs:
-        pass
     if cfg.scheme == "float":
         # a float compile quantizes nothing; silently ignoring PIM options would mislead
         need(cfg.adc_range == "full", "--adc-range calibrated has no effect with --scheme float; drop it or pick a PIM scheme")

@@ -16,7 +16,6 @@ previous model's outputs bit for bit, or compilation stops with an error.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,13 @@ from .errors import PimcError
 from .io import load_onnx, save_onnx_atomic
 from .model import PimModel
 from pimc import passes as P
+
+
+def new_pim_model(proto: onnx.ModelProto, config: CompileConfig, source: str) -> PimModel:
+    """The PimModel the first pass receives: the normalised, imported graph."""
+    from pimc.passes.import_model import import_graph
+    graph, opset = import_graph(proto, source)
+    return PimModel(graph=graph, config=config, opset=opset, source=source)
 
 
 def pass_list(cfg: CompileConfig) -> list:
@@ -72,7 +78,6 @@ def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str |
         proto = load_onnx(model)
     else:
         source, proto = "<memory>", model
-    from .passes_support import new_pim_model
     pm = new_pim_model(proto, config, source)
     if dump_dir is not None:
         dump_dir = Path(dump_dir)

@@ -7,12 +7,9 @@ import pytest
 
 import pimc
 from helpers import conv_model, gemm_model, run
-from pimc import passes as P
 from pimc.config import build_config
-from pimc.passes_support import new_pim_model
 from pimc.passes.split_slices import plan_slices, split_signed, split_unsigned
 from pimc.passes.tile_crossbars import plan_tiles
-from pimc.runtime import open_session
 
 RNG = np.random.default_rng(7)
 
