@@ -209,3 +209,16 @@ def test_presets_and_hw_file(tmp_path):
     cfg = build_config(preset="pimqat-differential", hw=hw, adc_bits=6)
     # explicit > hw > preset > default; the [array] table spells keys without the array_ prefix
     assert (cfg.scheme, cfg.array_rows, cfg.cell_bits, cfg.adc_bits, cfg.weight_bits) == ("bit-serial", 64, 1, 6, 4)
+
+
+def test_compiled_model_runs_in_a_plain_onnxruntime_session(tmp_path):
+    import onnxruntime as ort
+    w = RNG.standard_normal((6, 10, 3, 3)).astype(np.float32)
+    m = conv_model(w, RNG.standard_normal(6).astype(np.float32), pad=(1, 1, 1, 1))
+    np.save(tmp_path / "c.npy", RNG.standard_normal((4, 10, 7, 7)).astype(np.float32))
+    res = pimc.compile_model(m, scheme="bit-serial+differential", cell_bits=2, array_rows=40, adc_bits=5,
+                             calib_data=str(tmp_path / "c.npy"))
+    x = RNG.standard_normal((3, 10, 7, 7)).astype(np.float32)
+    plain = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ours = run(res.model, x)
+    np.testing.assert_allclose(plain.run(None, {"x": x})[0], ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
