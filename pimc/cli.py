@@ -23,6 +23,63 @@ def _err(msg: str) -> None:
     click.echo(f"pimc: error: {msg}", err=True)
 
 
+def compile_options(f):
+    """The compile options shared by `pimc compile` and `pimc eval`."""
+    for o in reversed(_COMPILE_OPTIONS):
+        f = o(f)
+    return f
+
+
+def chip_options(f):
+    """The chip (non-ideal ADC and device) options shared by `pimc run` and `pimc eval`."""
+    for o in reversed(_CHIP_OPTIONS):
+        f = o(f)
+    return f
+
+
+_COMPILE_OPTIONS = [
+    click.option("--scheme", type=click.Choice(SCHEMES), help=f"Decomposition: float (no quantization), digital "
+                  f"(quantized, no arrays), native (multi-bit inputs and signed weights), differential (weights split "
+                  f"into +/- columns), bit-serial (inputs one bit at a time), bit-serial+differential.  [default: {_D.scheme}]"),
+    click.option("--adc-bits", type=int, help=f"ADC resolution in bits.  [default: {_D.adc_bits}]"),
+    click.option("--array-rows", type=int, help=f"Crossbar rows R (inputs summed per conversion).  [default: {_D.array_rows}]"),
+    click.option("--array-cols", type=int, help=f"Crossbar columns C (ADC-converted outputs per array).  [default: {_D.array_cols}]"),
+    click.option("--weight-bits", type=int, help=f"Weight bits (signed, symmetric, one scale per output column).  [default: {_D.weight_bits}]"),
+    click.option("--input-bits", type=int, help=f"Input activation bits (unsigned after ReLU, else signed).  [default: {_D.input_bits}]"),
+    click.option("--cell-bits", type=int, help="Weight bits per cell; a weight spans ceil(bits/cell) cells.  0 = whole weight "
+                  "(or differential magnitude) in one cell.  [default: 0]"),
+    click.option("--tile-mode", type=click.Choice(TILE_MODES), help="channel: whole kernels per array, floor(R/(kh*kw)) "
+                  f"input channels per tile; row: exactly R rows per tile, kernels may straddle arrays.  [default: {_D.tile_mode}]"),
+    click.option("--adc-range", type=click.Choice(ADC_RANGES), help="full: worst-case partial-sum range per column (never "
+                  f"clips); calibrated: per-column min/max over the calibration data.  [default: {_D.adc_range}]"),
+    click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration inputs: .npy, or .npz with an array "
+                  "named 'x' or after the model input, preprocessed as the model expects (use training, never evaluation, "
+                  "data).  [default: 64 synthetic N(0,1) inputs, with a warning]"),
+    click.option("--calib-samples", type=int, help=f"Use at most this many calibration samples.  [default: {_D.calib_samples}]"),
+    click.option("--fold-bn", type=click.Choice(FOLD_BN), help="Fold BatchNorm into the weights (the arrays hold folded "
+                  f"weights) or into the per-column output affine after the ADC.  [default: {_D.fold_bn}]"),
+    click.option("--seed", type=int, help=f"Seed of every random draw at compile time (synthetic calibration).  [default: {_D.seed}]"),
+    click.option("--chunk-mib", type=int, help="Process a layer's array columns in chunks so that one chunk's partial "
+                  f"sums stay under this many MiB at batch 256 (bounds runtime memory).  [default: {_D.chunk_mib}]"),
+    click.option("--hw", "hw", type=click.Path(path_type=Path), help="Hardware description TOML file (format in README.md); "
+                  "explicit options override it."),
+    click.option("--preset", type=click.Choice(list(PRESETS)), help="Named configuration (see `pimc presets`); --hw and "
+                  "explicit options override it.")
+]
+_CHIP_OPTIONS = [
+    click.option("--adc", type=click.Choice(["ideal", "nonideal"]), help="ADC model.  [default: ideal]"),
+    click.option("--chip-seed", type=int, help="Chip instance: the seed of every static draw and of the noise.  [default: 0]"),
+    click.option("--gain-sigma", type=float, help="ADC gain spread per column, N(1, sigma).  [default: 0.024]"),
+    click.option("--offset-sigma", type=float, help="ADC offset spread per column, N(0, sigma) LSB.  [default: 2.04]"),
+    click.option("--noise-sigma", type=float, help="Thermal noise per conversion, N(0, sigma) LSB.  [default: 0]"),
+    click.option("--inl", type=float, help="Synthetic transfer-curve nonlinearity (bow), INL in LSB.  [default: 0]"),
+    click.option("--adc-lut", "lut_csv", type=click.Path(path_type=Path), help="Measured transfer curve (CSV of 2^b levels)."),
+    click.option("--device-sigma-cell", type=float, help="Cell conductance variation within a chip (lognormal sigma).  [default: 0]"),
+    click.option("--device-sigma-chip", type=float, help="Conductance variation between chips (lognormal sigma).  [default: 0]"),
+    click.option("--device-scope", type=click.Choice(["chip", "layer"]), help="theta_chip drawn once per chip or per layer.  [default: chip]")
+]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pimc")
 def cli():
@@ -33,33 +90,7 @@ def cli():
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output PIM IR model.  [default: MODEL with .pim.onnx suffix, beside MODEL]")
-@click.option("--scheme", type=click.Choice(SCHEMES), help=f"Decomposition: float (no quantization), digital "
-              f"(quantized, no arrays), native (multi-bit inputs and signed weights), differential (weights split "
-              f"into +/- columns), bit-serial (inputs one bit at a time), bit-serial+differential.  [default: {_D.scheme}]")
-@click.option("--adc-bits", type=int, help=f"ADC resolution in bits.  [default: {_D.adc_bits}]")
-@click.option("--array-rows", type=int, help=f"Crossbar rows R (inputs summed per conversion).  [default: {_D.array_rows}]")
-@click.option("--array-cols", type=int, help=f"Crossbar columns C (ADC-converted outputs per array).  [default: {_D.array_cols}]")
-@click.option("--weight-bits", type=int, help=f"Weight bits (signed, symmetric, one scale per output column).  [default: {_D.weight_bits}]")
-@click.option("--input-bits", type=int, help=f"Input activation bits (unsigned after ReLU, else signed).  [default: {_D.input_bits}]")
-@click.option("--cell-bits", type=int, help="Weight bits per cell; a weight spans ceil(bits/cell) cells.  0 = whole weight "
-              "(or differential magnitude) in one cell.  [default: 0]")
-@click.option("--tile-mode", type=click.Choice(TILE_MODES), help="channel: whole kernels per array, floor(R/(kh*kw)) "
-              f"input channels per tile; row: exactly R rows per tile, kernels may straddle arrays.  [default: {_D.tile_mode}]")
-@click.option("--adc-range", type=click.Choice(ADC_RANGES), help="full: worst-case partial-sum range per column (never "
-              f"clips); calibrated: per-column min/max over the calibration data.  [default: {_D.adc_range}]")
-@click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration inputs: .npy, or .npz with an array "
-              "named 'x' or after the model input, preprocessed as the model expects (use training, never evaluation, "
-              "data).  [default: 64 synthetic N(0,1) inputs, with a warning]")
-@click.option("--calib-samples", type=int, help=f"Use at most this many calibration samples.  [default: {_D.calib_samples}]")
-@click.option("--fold-bn", type=click.Choice(FOLD_BN), help="Fold BatchNorm into the weights (the arrays hold folded "
-              f"weights) or into the per-column output affine after the ADC.  [default: {_D.fold_bn}]")
-@click.option("--seed", type=int, help=f"Seed of every random draw at compile time (synthetic calibration).  [default: {_D.seed}]")
-@click.option("--chunk-mib", type=int, help="Process a layer's array columns in chunks so that one chunk's partial "
-              f"sums stay under this many MiB at batch 256 (bounds runtime memory).  [default: {_D.chunk_mib}]")
-@click.option("--hw", "hw", type=click.Path(path_type=Path), help="Hardware description TOML file (format in README.md); "
-              "explicit options override it.")
-@click.option("--preset", type=click.Choice(list(PRESETS)), help="Named configuration (see `pimc presets`); --hw and "
-              "explicit options override it.")
+@compile_options
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), help="Save every intermediate model "
               "there as NN_<pass>.onnx.")
 @click.option("--verify", is_flag=True, help="Check and run every intermediate model on calibration samples; "
@@ -127,19 +158,10 @@ def demo_cmd(**opts):
                    "models with several inputs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .npy (one model output) or .npz (several).  [default: MODEL stem + .out.npy/.npz]")
-@click.option("--adc", type=click.Choice(["ideal", "nonideal"]), help="ADC model.  [default: ideal]")
-@click.option("--chip-seed", type=int, help="Chip instance: the seed of every static draw and of the noise.  [default: 0]")
 @click.option("--chip-preset", type=click.Choice(["pimqat-chip7", "ideal"]), help="Named chip (pimqat-chip7: the "
               "PIM-QAT 7-bit prototype's gain and offset spread).")
 @click.option("--hw", type=click.Path(path_type=Path), help="Hardware TOML file; its [nonideal] table sets the chip.")
-@click.option("--gain-sigma", type=float, help="ADC gain spread per column, N(1, sigma).  [default: 0.024]")
-@click.option("--offset-sigma", type=float, help="ADC offset spread per column, N(0, sigma) LSB.  [default: 2.04]")
-@click.option("--noise-sigma", type=float, help="Thermal noise per conversion, N(0, sigma) LSB.  [default: 0]")
-@click.option("--inl", type=float, help="Synthetic transfer-curve nonlinearity (bow), INL in LSB.  [default: 0]")
-@click.option("--adc-lut", "lut_csv", type=click.Path(path_type=Path), help="Measured transfer curve (CSV of 2^b levels).")
-@click.option("--device-sigma-cell", type=float, help="Cell conductance variation within a chip (lognormal sigma).  [default: 0]")
-@click.option("--device-sigma-chip", type=float, help="Conductance variation between chips (lognormal sigma).  [default: 0]")
-@click.option("--device-scope", type=click.Choice(["chip", "layer"]), help="theta_chip drawn once per chip or per layer.  [default: chip]")
+@chip_options
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Run the inputs in batches of this size.")
 @click.option("--function-bodies", is_flag=True, help="Do not use the native kernels.")
 def run_cmd(model, inputs, output, chip_preset, hw, batch_size, function_bodies, **chip_opts):
@@ -206,6 +228,62 @@ def _read_inputs(sess, specs, load):
     if len(sizes) != 1:
         raise PimcError(f"--input: the arrays disagree on the batch size: {sorted(sizes)}")
     return feed
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Evaluation images: a CIFAR-10/100 python directory, an .npz (x uint8 NHWC, y) or a folder of class folders.")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--calib-from", "calib_from", type=click.Path(path_type=Path),
+              help="Calibration images (same formats).  [default: --data]")
+@click.option("--calib-split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Split of the calibration images; never the evaluation images.")
+@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Preprocessing: x * scale ...")
+@click.option("--mean", default="0", show_default=True, help="... minus this per-channel mean (comma list) ...")
+@click.option("--std", default="1", show_default=True, help="... over this per-channel std (comma list).  "
+              "The shared ResNet-20: --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--chips", type=int, default=0, show_default=True, help="Non-ideal PIM: evaluate this many chip instances "
+              "(seeds --chip-seed, --chip-seed+1, ...).")
+@click.option("--chip-preset", type=click.Choice(["pimqat-chip7", "ideal"]), help="Named chip for --chips.")
+@chip_options
+@click.option("--limit", type=int, help="Evaluate only the first N images.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@compile_options
+def eval_cmd(model, data, split, calib_from, calib_split, scale, mean, std, layout, chips, chip_preset, limit,
+             batch_size, json_path, hw, preset, **opts):
+    """Evaluate MODEL: float, digital quantized, ideal PIM and non-ideal PIM chips on the same images."""
+    from .config import build_config
+    from .evaluate import evaluate, report_table, write_report
+    from pimc.runtime.chip import build_chip_config
+
+    chip_keys = ("adc", "chip_seed", "gain_sigma", "offset_sigma", "noise_sigma", "inl", "lut_csv",
+                 "device_sigma_cell", "device_sigma_chip", "device_scope")
+    chip_opts = {k: opts.pop(k) for k in chip_keys}
+    if chip_opts.get("lut_csv") is not None:
+        chip_opts["lut_csv"] = str(chip_opts["lut_csv"])
+    if chip_opts.get("adc") is None:
+        chip_opts["adc"] = "nonideal"
+    if opts.get("calib_data") is not None:
+        raise PimcError("pimc eval calibrates on --calib-from/--calib-split images; drop --calib-data")
+    if chips < 0 or (limit is not None and limit < 1) or batch_size < 1:
+        raise PimcError("--chips must be >= 0, --limit and --batch-size >= 1")
+    try:
+        prep = {"scale": scale, "mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")],
+                "layout": layout}
+    except ValueError:
+        raise PimcError(f"--mean/--std: '{mean}' / '{std}' are not comma lists of numbers")
+    cfg = build_config(preset=preset, hw=hw, **opts)
+    chip = build_chip_config(preset=chip_preset, hw=hw, **chip_opts)
+    report = evaluate(str(model), str(data), cfg, chip=chip, chips=chips, split=split,
+                      calib_data=str(calib_from) if calib_from else None, calib_split=calib_split, prep=prep,
+                      limit=limit, batch=batch_size, log=lambda m: click.echo(m, err=True))
+    click.echo(report_table(report))
+    if json_path:
+        write_report(report, json_path)
+        click.echo(f"wrote {json_path}")
 
 
 @cli.command("native")
