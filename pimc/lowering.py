@@ -166,17 +166,23 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
         w = w.reshape(-1, gw, kh, kw)
         a = em.op("Conv", [hin, em.const("array_weight" + sfx, np.ascontiguousarray(w))], "array_mac" + sfx,
                   em.conv_attrs(g * (t1 - t0)))
+        c = coef[:, s0:s1]
+        recombine = not (P == 1 and (s1 - s0) == 1 and (t1 - t0) == 1 and c[0, 0] == 1)
+        rattrs = {"planes": P, "groups": g, "tiles": t1 - t0, "slices": s1 - s0}
         if p.adc is not None:
             cols = chunk_columns(p, (t0, t1, s0, s1))
-            a = em.op("AdcQuantize", [a, em.const("adc_scale" + sfx, p.adc.scale[cols].astype(np.float32).reshape(1, -1, 1, 1)),
-                                      em.const("adc_zero_point" + sfx, p.adc.zero_point[cols].astype(np.float32).reshape(1, -1, 1, 1))],
-                      "adc" + sfx, {"bits": p.adc.bits}, DOMAIN)
-        c = coef[:, s0:s1]
-        if P == 1 and (s1 - s0) == 1 and (t1 - t0) == 1 and c[0, 0] == 1:
-            parts.append(a)   # one column per output channel already
-        else:
+            adc_in = [a, em.const("adc_scale" + sfx, p.adc.scale[cols].astype(np.float32).reshape(1, -1, 1, 1)),
+                      em.const("adc_zero_point" + sfx, p.adc.zero_point[cols].astype(np.float32).reshape(1, -1, 1, 1))]
+            if recombine:   # conversion and recombination fused: the partial sums are read once
+                parts.append(em.op("AdcRecombine", adc_in + [em.const("recombine_coef" + sfx, np.ascontiguousarray(c))],
+                                   "adc" + sfx, {"bits": p.adc.bits, **rattrs}, DOMAIN))
+                continue
+            a = em.op("AdcQuantize", adc_in, "adc" + sfx, {"bits": p.adc.bits}, DOMAIN)
+        if recombine:
             parts.append(em.op("Recombine", [a, em.const("recombine_coef" + sfx, np.ascontiguousarray(c))],
-                               "recombine" + sfx, {"planes": P, "groups": g, "tiles": t1 - t0, "slices": s1 - s0}, DOMAIN))
+                               "recombine" + sfx, rattrs, DOMAIN))
+        else:
+            parts.append(a)   # one column per output channel already
     if len(parts) == 1:
         return parts[0]
     return em.op("Sum", parts, "sum_chunks")

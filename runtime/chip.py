@@ -182,6 +182,7 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
     chip_theta = np.random.default_rng([chip.chip_seed, 2 ** 20]).normal(0.0, chip.device_sigma_chip) \
         if chip.device_sigma_chip > 0 else 0.0
     luts = {}
+    used: set[str] = set()
     for li, L in enumerate(mapping["layers"]):
         if "adc" not in L:
             continue
@@ -212,7 +213,7 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
             if chip.adc != "nonideal":
                 continue
             node = nodes.get(prefix + "adc" + sfx)
-            if node is None or node.op_type != "AdcQuantize":
+            if node is None or node.op_type not in ("AdcQuantize", "AdcRecombine"):
                 raise PimcError(f"'{source}': layer '{L['name']}' has no AdcQuantize node '{prefix}adc{sfx}'; "
                                 f"recompile it with this pimc version")
             if bits not in luts:
@@ -223,12 +224,16 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
                 numpy_helper.from_array(gain[cols].reshape(1, -1, 1, 1), g_name),
                 numpy_helper.from_array(offset[cols].reshape(1, -1, 1, 1), o_name)])
             seed = int(mix32(np.int64(chip.chip_seed) * 1000003 + li * 7919 + ci * 104729)) & 0x7FFFFFFF
-            new = helper.make_node("AdcQuantizeNonIdeal", [*node.input[:3], g_name, o_name, luts[bits]],
+            fused = node.op_type == "AdcRecombine"
+            extra = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "bits"}
+            new = helper.make_node("AdcRecombineNonIdeal" if fused else "AdcQuantizeNonIdeal",
+                                   [*node.input[:3], g_name, o_name, luts[bits], *node.input[3:]],
                                    list(node.output), name=node.name, domain=DOMAIN, bits=bits,
-                                   noise_sigma=float(chip.noise_sigma), seed=seed)
+                                   noise_sigma=float(chip.noise_sigma), seed=seed, **extra)
             node.CopyFrom(new)
+            used.add(new.op_type)
     have = {f.name for f in out.functions}
-    if chip.adc == "nonideal" and "AdcQuantizeNonIdeal" not in have:
-        out.functions.extend(function_protos(["AdcQuantizeNonIdeal"]))
+    missing = [f for f in function_protos(sorted(used)) if f.name not in have]
+    out.functions.extend(missing)
     out.metadata_props.add(key="pimc.chip", value=chip.to_json())
     return out

@@ -30,9 +30,11 @@ class OpDef:
     attributes: tuple[str, ...]
     body: str  # ONNX textual function body
     numpy: Callable
+    uses: tuple[str, ...] = ()  # other IR ops its body calls
 
     def function_proto(self) -> onnx.FunctionProto:
-        text = (f'<domain: "{DOMAIN}", opset_import: ["" : {BODY_OPSET}]>\n'
+        imports = f'"" : {BODY_OPSET}' + (f', "{DOMAIN}" : {DOMAIN_VERSION}' if self.uses else "")
+        text = (f'<domain: "{DOMAIN}", opset_import: [{imports}]>\n'
                 f'{self.name} <{", ".join(self.attributes)}>({", ".join(self.inputs)}) => (y) {{\n{self.body}\n}}')
         return onnx.parser.parse_function(text)
 
@@ -400,10 +402,55 @@ ADC_QUANTIZE_NONIDEAL = OpDef(
     adc_quantize_nonideal_np,
 )
 
+# ---------------------------------------------------------------- fused conversion + recombination
+# Recombine(AdcQuantize(s)) in one op: the native kernel reads the partial sums
+# once instead of writing and re-reading the converted tensor.
+_RECOMBINE_ATTRS = "planes: int = @planes, groups: int = @groups, tiles: int = @tiles, slices: int = @slices"
+
+
+def adc_recombine_np(s, scale, zero_point, coef, *, bits, planes, groups, tiles, slices):
+    return recombine_np(adc_quantize_np(s, scale, zero_point, bits=bits), coef, planes=planes, groups=groups,
+                        tiles=tiles, slices=slices)
+
+
+def adc_recombine_nonideal_np(s, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed, planes,
+                              groups, tiles, slices):
+    a = adc_quantize_nonideal_np(s, scale, zero_point, gain, offset, lut, bits=bits, noise_sigma=noise_sigma, seed=seed)
+    return recombine_np(a, coef, planes=planes, groups=groups, tiles=tiles, slices=slices)
+
+
+ADC_RECOMBINE = OpDef(
+    "AdcRecombine", ("s", "scale", "zero_point", "coef"), ("bits", "planes", "groups", "tiles", "slices"),
+    f"""
+  a = {DOMAIN}.AdcQuantize <bits: int = @bits> (s, scale, zero_point)
+  y = {DOMAIN}.Recombine <{_RECOMBINE_ATTRS}> (a, coef)
+""",
+    adc_recombine_np, uses=("AdcQuantize", "Recombine"),
+)
+
+ADC_RECOMBINE_NONIDEAL = OpDef(
+    "AdcRecombineNonIdeal", ("s", "scale", "zero_point", "gain", "offset", "lut", "coef"),
+    ("bits", "noise_sigma", "seed", "planes", "groups", "tiles", "slices"),
+    f"""
+  a = {DOMAIN}.AdcQuantizeNonIdeal <bits: int = @bits, noise_sigma: float = @noise_sigma, seed: int = @seed> (s, scale, zero_point, gain, offset, lut)
+  y = {DOMAIN}.Recombine <{_RECOMBINE_ATTRS}> (a, coef)
+""",
+    adc_recombine_nonideal_np, uses=("AdcQuantizeNonIdeal", "Recombine"),
+)
+
 OPS: dict[str, OpDef] = {op.name: op for op in (QUANTIZE_INPUT, BIT_PLANES, ADC_QUANTIZE, RECOMBINE,
-                                                ADC_QUANTIZE_NONIDEAL)}
+                                                ADC_QUANTIZE_NONIDEAL, ADC_RECOMBINE, ADC_RECOMBINE_NONIDEAL)}
 
 
 def function_protos(names=None) -> list[onnx.FunctionProto]:
-    """Function bodies of the named ops (all ops when ``names`` is None)."""
-    return [OPS[n].function_proto() for n in (names if names is not None else OPS)]
+    """Function bodies of the named ops (all when ``names`` is None) and of the ops they call, callees first."""
+    order: list[str] = []
+
+    def add(n):
+        for u in OPS[n].uses:
+            add(u)
+        if n not in order:
+            order.append(n)
+    for n in (names if names is not None else OPS):
+        add(n)
+    return [OPS[n].function_proto() for n in order]

@@ -255,3 +255,30 @@ def test_missing_headers_fall_back_to_function_bodies_once(tmp_path, compiled):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("native kernels unavailable") == 1 and "(9, 8, 6, 6)" in r.stdout
+
+
+@needs_native
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
+       st.integers(2, 7), st.integers(0, 2 ** 16))
+def test_fused_adc_recombine_three_ways(P, G, T, S, cout_g, B, bits, seed):
+    rng = np.random.default_rng(seed)
+    cols = G * T * S * cout_g
+    s = np.round(rng.standard_normal((P * B, cols, 3, 2)) * 30).astype(np.float32)
+    scale = rng.uniform(0.5, 6, (1, cols, 1, 1)).astype(np.float32)
+    zp = np.round(rng.uniform(0, 2 ** bits, (1, cols, 1, 1))).astype(np.float32)
+    coef = rng.choice([1, 2, 4, -8, -1], (P, S)).astype(np.float32)
+    rattrs = {"planes": P, "groups": G, "tiles": T, "slices": S}
+    m = one_op_model("AdcRecombine", {"s": s}, {"scale": scale, "zp": zp, "coef": coef}, {"bits": bits, **rattrs})
+    body, nat = run_both(m, {"s": s})
+    ref = ops.adc_recombine_np(s, scale, zp, coef, bits=bits, **rattrs)
+    assert np.array_equal(body, ref) and np.array_equal(nat, ref)
+    lut = transfer_lut(build_chip_config(inl=0.7), bits)
+    gain = rng.normal(1, 0.05, (1, cols, 1, 1)).astype(np.float32)
+    off = rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32)
+    m = one_op_model("AdcRecombineNonIdeal", {"s": s}, {"scale": scale, "zp": zp, "gain": gain, "offset": off,
+                                                        "lut": lut, "coef": coef},
+                     {"bits": bits, "noise_sigma": 0.6, "seed": seed, **rattrs})
+    body, nat = run_both(m, {"s": s})
+    ref = ops.adc_recombine_nonideal_np(s, scale, zp, gain, off, lut, coef, bits=bits, noise_sigma=0.6, seed=seed, **rattrs)
+    assert np.array_equal(body, ref) and np.array_equal(nat, ref)

@@ -84,6 +84,169 @@ void parallel(Ort::KernelContext& ctx, int64_t n, F&& f) {
                   static_cast<size_t>(n), 0, &c);
 }
 
+// ------------------------------------------------------------------ conversion loops (shared)
+inline void adc_ideal(const float* __restrict in, float* __restrict out, int64_t n, float d, float z, float top) {
+  for (int64_t i = 0; i < n; ++i) {
+    float code = std::min(std::max(std::nearbyint(in[i] / d) + z, 0.0f), top);
+    out[i] = (code - z) * d;
+  }
+}
+
+struct Column {
+  float d, z, g, o, top, ss;
+  uint32_t key;
+};
+
+// One column's non-ideal conversions; separate instantiations let the compiler
+// vectorize the linear-curve and noise-free cases.
+template <bool Identity, bool Noisy>
+void convert(const float* __restrict in, float* __restrict out, const uint32_t* __restrict mc, int64_t n,
+             const Column& k, const float* __restrict lut) {
+  for (int64_t i = 0; i < n; ++i) {
+    float rr = in[i] / k.d;
+    float gr = k.g * rr;
+    float v = gr + k.o;
+    float w = v + k.z;
+    float wc = std::min(std::max(w, 0.0f), k.top);
+    float f;
+    if (Identity) {
+      f = wc + (w - wc);
+    } else {
+      float k0f = std::min(std::floor(wc), k.top - 1.0f);
+      float frac = wc - k0f;
+      int32_t k0 = static_cast<int32_t>(k0f);
+      float lo = lut[k0], hi = lut[k0 + 1];
+      f = (lo + frac * (hi - lo)) + (w - wc);
+    }
+    if (Noisy) {
+      uint32_t h = mix2(mc[i] + k.key);
+      float fs = static_cast<float>(static_cast<int32_t>(h & 0xFFu)) + static_cast<float>(static_cast<int32_t>((h >> 8) & 0xFFu));
+      fs = fs + static_cast<float>(static_cast<int32_t>((h >> 16) & 0xFFu));
+      fs = fs + static_cast<float>(static_cast<int32_t>(h >> 24));
+      float zn = (fs + 2.0f) / 256.0f - 2.0f;
+      f = f + k.ss * zn;
+    }
+    float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
+    out[i] = (code - k.z) * k.d;
+  }
+}
+
+inline void convert_any(bool identity, bool noisy, const float* in, float* out, const uint32_t* mc, int64_t n,
+                        const Column& k, const float* lut) {
+  if (identity) {
+    if (noisy) convert<true, true>(in, out, mc, n, k, lut);
+    else convert<true, false>(in, out, mc, n, k, lut);
+  } else {
+    if (noisy) convert<false, true>(in, out, mc, n, k, lut);
+    else convert<false, false>(in, out, mc, n, k, lut);
+  }
+}
+
+// Everything a non-ideal conversion needs besides its column: the per-row noise
+// keys (one pass over the partial sums), the mixed counters, the curve.
+struct NonIdeal {
+  const float* sp;
+  Shape4 sh;
+  ColParam sc, zp, gn, of;
+  const float* lut;
+  float top, ss;
+  bool noisy, identity;
+  std::vector<uint32_t> key, mixed_counter;
+
+  NonIdeal(Ort::KernelContext& ctx, const char* op, int64_t bits, int64_t seed, float sigma) {
+    auto s = ctx.GetInput(0);
+    sh = shape_of(s.GetTensorTypeAndShapeInfo().GetShape());
+    sp = s.GetTensorData<float>();
+    sc = col_param(ctx, 1, sh.cols, op, "scale");
+    zp = col_param(ctx, 2, sh.cols, op, "zero_point");
+    gn = col_param(ctx, 3, sh.cols, op, "gain");
+    of = col_param(ctx, 4, sh.cols, op, "offset");
+    auto lutv = ctx.GetInput(5);
+    lut = lutv.GetTensorData<float>();
+    const int64_t L = lutv.GetTensorTypeAndShapeInfo().GetElementCount();
+    top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
+    if (L != static_cast<int64_t>(top) + 1)
+      ORT_CXX_API_THROW(std::string(op) + ": lut must hold 2^bits levels", ORT_INVALID_ARGUMENT);
+    identity = true;
+    for (int64_t k = 0; k < L; ++k) identity = identity && lut[k] == static_cast<float>(k);
+    noisy = sigma > 0.0f;
+    ss = sigma * 1.7320508f;
+    key.assign(sh.rows, 0);
+    const int64_t row = sh.cols * sh.inner;
+    if (noisy) {
+      const uint32_t ms = mix32(static_cast<uint32_t>(seed));
+      parallel(ctx, sh.rows, [&](int64_t r) {
+        // sum of floor(16 s): four float64 partial sums of integers, exact and so order-free
+        const float* __restrict in = sp + r * row;
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        int64_t i = 0;
+        for (; i + 4 <= row; i += 4) {
+          a0 += std::floor(static_cast<double>(in[i]) * 16.0);
+          a1 += std::floor(static_cast<double>(in[i + 1]) * 16.0);
+          a2 += std::floor(static_cast<double>(in[i + 2]) * 16.0);
+          a3 += std::floor(static_cast<double>(in[i + 3]) * 16.0);
+        }
+        for (; i < row; ++i) a0 += std::floor(static_cast<double>(in[i]) * 16.0);
+        const double acc = (a0 + a1) + (a2 + a3);
+        uint64_t mag = static_cast<uint64_t>(std::fmod(std::fabs(acc), 4294967296.0));
+        key[r] = mix32(static_cast<uint32_t>(mag) + ms);
+      });
+      mixed_counter.resize(row);
+      for (int64_t i = 0; i < row; ++i) mixed_counter[i] = mix32(static_cast<uint32_t>(i));
+    }
+  }
+
+  // convert row r, column c into out (sh.inner values)
+  void run(int64_t r, int64_t c, float* out) const {
+    Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, key[r]};
+    const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner : nullptr;
+    convert_any(identity, noisy, sp + (r * sh.cols + c) * sh.inner, out, mc, sh.inner, col, lut);
+  }
+};
+
+// Recombination of one (image, group, out channel): planes, tiles, slices in a fixed
+// order, float64 accumulation; ``convert(row, col, tmp)`` produces one column's values.
+struct RecombineDims {
+  int64_t P, G, T, S;
+};
+
+template <typename Convert>
+void recombine_task(int64_t task, const RecombineDims& d, int64_t B, int64_t cols, int64_t coutg, int64_t inner,
+                    const float* coef, float* y, std::vector<double>& acc, std::vector<float>& tmp, Convert&& conv) {
+  const int64_t b = task / (d.G * coutg), go = task % (d.G * coutg), g = go / coutg, o = go % coutg;
+  acc.assign(inner, 0.0);
+  tmp.resize(inner);
+  for (int64_t p = 0; p < d.P; ++p)
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t s = 0; s < d.S; ++s) {
+        const double k = coef[p * d.S + s];
+        const int64_t col = ((g * d.T + t) * d.S + s) * coutg + o;
+        const float* in = conv(p * B + b, col, tmp.data());
+        for (int64_t i = 0; i < inner; ++i) acc[i] += static_cast<double>(in[i]) * k;
+      }
+  float* out = y + (b * d.G * coutg + go) * inner;
+  for (int64_t i = 0; i < inner; ++i) out[i] = static_cast<float>(acc[i]);
+}
+
+RecombineDims recombine_dims(const OrtKernelInfo* info) {
+  Ort::ConstKernelInfo ki(info);
+  return {ki.GetAttribute<int64_t>("planes"), ki.GetAttribute<int64_t>("groups"), ki.GetAttribute<int64_t>("tiles"),
+          ki.GetAttribute<int64_t>("slices")};
+}
+
+// Output (B, G*coutg, ...) of a recombination over input shape ``shape``.
+float* recombine_output(Ort::KernelContext& ctx, std::vector<int64_t> shape, const RecombineDims& d, const char* op,
+                        int64_t& B, int64_t& coutg) {
+  Shape4 sh = shape_of(shape);
+  if (sh.rows % d.P != 0 || sh.cols % (d.G * d.T * d.S) != 0)
+    ORT_CXX_API_THROW(std::string(op) + ": input shape does not match planes/groups/tiles/slices", ORT_INVALID_ARGUMENT);
+  B = sh.rows / d.P;
+  coutg = sh.cols / (d.G * d.T * d.S);
+  shape[0] = B;
+  shape[1] = d.G * coutg;
+  return ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+}
+
 // ------------------------------------------------------------------ QuantizeInput
 struct QuantizeInputKernel {
   int64_t bits, sign;
@@ -152,13 +315,7 @@ struct AdcKernel {
     const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
     parallel(ctx, sh.rows * sh.cols, [&](int64_t rc) {
       const int64_t c = rc % sh.cols;
-      const float d = sc.at(c), z = zp.at(c);
-      const float* in = sp + rc * sh.inner;
-      float* out = y + rc * sh.inner;
-      for (int64_t i = 0; i < sh.inner; ++i) {
-        float code = std::min(std::max(std::nearbyint(in[i] / d) + z, 0.0f), top);
-        out[i] = (code - z) * d;
-      }
+      adc_ideal(sp + rc * sh.inner, y + rc * sh.inner, sh.inner, sc.at(c), zp.at(c), top);
     });
   }
 };
@@ -175,114 +332,19 @@ struct AdcNonIdealKernel {
   }
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto s = ctx.GetInput(0);
-    auto shape = s.GetTensorTypeAndShapeInfo().GetShape();
-    Shape4 sh = shape_of(shape);
-    const float* sp = s.GetTensorData<float>();
-    const char* op = "AdcQuantizeNonIdeal";
-    ColParam sc = col_param(ctx, 1, sh.cols, op, "scale"), zp = col_param(ctx, 2, sh.cols, op, "zero_point");
-    ColParam gn = col_param(ctx, 3, sh.cols, op, "gain"), of = col_param(ctx, 4, sh.cols, op, "offset");
-    auto lutv = ctx.GetInput(5);
-    const float* lut = lutv.GetTensorData<float>();
-    const int64_t L = lutv.GetTensorTypeAndShapeInfo().GetElementCount();
+    NonIdeal ni(ctx, "AdcQuantizeNonIdeal", bits, seed, sigma);
+    auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
     float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
-    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
-    if (L != static_cast<int64_t>(top) + 1)
-      ORT_CXX_API_THROW("AdcQuantizeNonIdeal: lut must hold 2^bits levels", ORT_INVALID_ARGUMENT);
-    const int64_t row = sh.cols * sh.inner;
-    std::vector<uint32_t> key(sh.rows, 0), mixed_counter;
-    const bool noisy = sigma > 0.0f;
-    if (noisy) {
-      const uint32_t ms = mix32(static_cast<uint32_t>(seed));
-      parallel(ctx, sh.rows, [&](int64_t r) {
-        // sum of floor(16 s): integers, so int64 accumulation equals the float64 sum of the body
-        // (four independent float64 partial sums of integers: exact, hence order-free, and vectorizable)
-        const float* __restrict in = sp + r * row;
-        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
-        int64_t i = 0;
-        for (; i + 4 <= row; i += 4) {
-          a0 += std::floor(static_cast<double>(in[i]) * 16.0);
-          a1 += std::floor(static_cast<double>(in[i + 1]) * 16.0);
-          a2 += std::floor(static_cast<double>(in[i + 2]) * 16.0);
-          a3 += std::floor(static_cast<double>(in[i + 3]) * 16.0);
-        }
-        for (; i < row; ++i) a0 += std::floor(static_cast<double>(in[i]) * 16.0);
-        const double acc = (a0 + a1) + (a2 + a3);
-        uint64_t mag = static_cast<uint64_t>(std::fmod(std::fabs(acc), 4294967296.0));
-        key[r] = mix32(static_cast<uint32_t>(mag) + ms);
-      });
-      mixed_counter.resize(row);
-      for (int64_t i = 0; i < row; ++i) mixed_counter[i] = mix32(static_cast<uint32_t>(i));
-    }
-    bool identity = true;
-    for (int64_t k = 0; k < L; ++k) identity = identity && lut[k] == static_cast<float>(k);
-    const float ss = sigma * 1.7320508f;
-    parallel(ctx, sh.rows * sh.cols, [&](int64_t rc) {
-      const int64_t r = rc / sh.cols, c = rc % sh.cols;
-      Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, key[r]};
-      const float* in = sp + rc * sh.inner;
-      float* out = y + rc * sh.inner;
-      const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner : nullptr;
-      if (identity) {
-        if (noisy) convert<true, true>(in, out, mc, sh.inner, col, lut);
-        else convert<true, false>(in, out, mc, sh.inner, col, lut);
-      } else {
-        if (noisy) convert<false, true>(in, out, mc, sh.inner, col, lut);
-        else convert<false, false>(in, out, mc, sh.inner, col, lut);
-      }
+    parallel(ctx, ni.sh.rows * ni.sh.cols, [&](int64_t rc) {
+      ni.run(rc / ni.sh.cols, rc % ni.sh.cols, y + rc * ni.sh.inner);
     });
-  }
-
-  struct Column {
-    float d, z, g, o, top, ss;
-    uint32_t key;
-  };
-
-  // One column's conversions; separate instantiations let the compiler vectorize
-  // the linear-curve and noise-free cases.
-  template <bool Identity, bool Noisy>
-  static void convert(const float* __restrict in, float* __restrict out, const uint32_t* __restrict mc, int64_t n,
-                      const Column& k, const float* __restrict lut) {
-    for (int64_t i = 0; i < n; ++i) {
-      float rr = in[i] / k.d;
-      float gr = k.g * rr;
-      float v = gr + k.o;
-      float w = v + k.z;
-      float wc = std::min(std::max(w, 0.0f), k.top);
-      float f;
-      if (Identity) {
-        f = wc + (w - wc);
-      } else {
-        float k0f = std::min(std::floor(wc), k.top - 1.0f);
-        float frac = wc - k0f;
-        int32_t k0 = static_cast<int32_t>(k0f);
-        float lo = lut[k0], hi = lut[k0 + 1];
-        f = (lo + frac * (hi - lo)) + (w - wc);
-      }
-      if (Noisy) {
-        uint32_t h = mix2(mc[i] + k.key);
-        float fs = static_cast<float>(static_cast<int32_t>(h & 0xFFu)) + static_cast<float>(static_cast<int32_t>((h >> 8) & 0xFFu));
-        fs = fs + static_cast<float>(static_cast<int32_t>((h >> 16) & 0xFFu));
-        fs = fs + static_cast<float>(static_cast<int32_t>(h >> 24));
-        float zn = (fs + 2.0f) / 256.0f - 2.0f;
-        f = f + k.ss * zn;
-      }
-      float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
-      out[i] = (code - k.z) * k.d;
-    }
   }
 };
 
 // ------------------------------------------------------------------ Recombine
 struct RecombineKernel {
-  int64_t P, G, T, S;
-  RecombineKernel(const OrtApi&, const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo ki(info);
-    P = ki.GetAttribute<int64_t>("planes");
-    G = ki.GetAttribute<int64_t>("groups");
-    T = ki.GetAttribute<int64_t>("tiles");
-    S = ki.GetAttribute<int64_t>("slices");
-  }
+  RecombineDims d;
+  RecombineKernel(const OrtApi&, const OrtKernelInfo* info) : d(recombine_dims(info)) {}
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     auto a = ctx.GetInput(0);
@@ -290,27 +352,70 @@ struct RecombineKernel {
     Shape4 sh = shape_of(shape);
     const float* ap = a.GetTensorData<float>();
     const float* coef = ctx.GetInput(1).GetTensorData<float>();
-    if (sh.rows % P != 0 || sh.cols % (G * T * S) != 0)
-      ORT_CXX_API_THROW("Recombine: input shape does not match planes/groups/tiles/slices", ORT_INVALID_ARGUMENT);
-    const int64_t B = sh.rows / P, coutg = sh.cols / (G * T * S), inner = sh.inner;
-    auto oshape = shape;
-    oshape[0] = B;
-    oshape[1] = G * coutg;
-    float* y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
-    // one task per (image, group, output channel): double accumulation in a fixed order
-    parallel(ctx, B * G * coutg, [&](int64_t task) {
-      const int64_t b = task / (G * coutg), go = task % (G * coutg), g = go / coutg, o = go % coutg;
-      std::vector<double> acc(inner, 0.0);
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t s = 0; s < S; ++s) {
-            const double k = coef[p * S + s];
-            const int64_t col = ((g * T + t) * S + s) * coutg + o;
-            const float* in = ap + ((p * B + b) * sh.cols + col) * inner;
-            for (int64_t i = 0; i < inner; ++i) acc[i] += static_cast<double>(in[i]) * k;
-          }
-      float* out = y + (b * G * coutg + go) * inner;
-      for (int64_t i = 0; i < inner; ++i) out[i] = static_cast<float>(acc[i]);
+    int64_t B, coutg;
+    float* y = recombine_output(ctx, shape, d, "Recombine", B, coutg);
+    parallel(ctx, B * d.G * coutg, [&](int64_t task) {
+      thread_local std::vector<double> acc;
+      thread_local std::vector<float> tmp;
+      recombine_task(task, d, B, sh.cols, coutg, sh.inner, coef, y, acc, tmp,
+                     [&](int64_t row, int64_t col, float*) { return ap + (row * sh.cols + col) * sh.inner; });
+    });
+  }
+};
+
+// ------------------------------------------------------------------ AdcRecombine (fused)
+struct AdcRecombineKernel {
+  int64_t bits;
+  RecombineDims d;
+  AdcRecombineKernel(const OrtApi&, const OrtKernelInfo* info)
+      : bits(Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits")), d(recombine_dims(info)) {}
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto s = ctx.GetInput(0);
+    auto shape = s.GetTensorTypeAndShapeInfo().GetShape();
+    Shape4 sh = shape_of(shape);
+    const float* sp = s.GetTensorData<float>();
+    ColParam sc = col_param(ctx, 1, sh.cols, "AdcRecombine", "scale"), zp = col_param(ctx, 2, sh.cols, "AdcRecombine", "zero_point");
+    const float* coef = ctx.GetInput(3).GetTensorData<float>();
+    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
+    int64_t B, coutg;
+    float* y = recombine_output(ctx, shape, d, "AdcRecombine", B, coutg);
+    parallel(ctx, B * d.G * coutg, [&](int64_t task) {
+      thread_local std::vector<double> acc;
+      thread_local std::vector<float> tmp;
+      recombine_task(task, d, B, sh.cols, coutg, sh.inner, coef, y, acc, tmp, [&](int64_t row, int64_t col, float* out) {
+        adc_ideal(sp + (row * sh.cols + col) * sh.inner, out, sh.inner, sc.at(col), zp.at(col), top);
+        return static_cast<const float*>(out);
+      });
+    });
+  }
+};
+
+struct AdcRecombineNonIdealKernel {
+  int64_t bits, seed;
+  float sigma;
+  RecombineDims d;
+  AdcRecombineNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) : d(recombine_dims(info)) {
+    Ort::ConstKernelInfo ki(info);
+    bits = ki.GetAttribute<int64_t>("bits");
+    seed = ki.GetAttribute<int64_t>("seed");
+    sigma = ki.GetAttribute<float>("noise_sigma");
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    NonIdeal ni(ctx, "AdcRecombineNonIdeal", bits, seed, sigma);
+    auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
+    const float* coef = ctx.GetInput(6).GetTensorData<float>();
+    int64_t B, coutg;
+    float* y = recombine_output(ctx, shape, d, "AdcRecombineNonIdeal", B, coutg);
+    parallel(ctx, B * d.G * coutg, [&](int64_t task) {
+      thread_local std::vector<double> acc;
+      thread_local std::vector<float> tmp;
+      recombine_task(task, d, B, ni.sh.cols, coutg, ni.sh.inner, coef, y, acc, tmp,
+                     [&](int64_t row, int64_t col, float* out) {
+                       ni.run(row, col, out);
+                       return static_cast<const float*>(out);
+                     });
     });
   }
 };
@@ -337,6 +442,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   static Op<AdcKernel, 3> adc("AdcQuantize");
   static Op<AdcNonIdealKernel, 6> adc_nonideal("AdcQuantizeNonIdeal");
   static Op<RecombineKernel, 2> recombine("Recombine");
+  static Op<AdcRecombineKernel, 4> adc_recombine("AdcRecombine");
+  static Op<AdcRecombineNonIdealKernel, 7> adc_recombine_nonideal("AdcRecombineNonIdeal");
   static Ort::CustomOpDomain domain{"ai.pimc"};
   static std::once_flag once;
   OrtStatus* status = nullptr;
@@ -347,6 +454,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       domain.Add(&adc);
       domain.Add(&adc_nonideal);
       domain.Add(&recombine);
+      domain.Add(&adc_recombine);
+      domain.Add(&adc_recombine_nonideal);
     });
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {
