@@ -321,15 +321,20 @@ struct AdcKernel {
 };
 
 // ------------------------------------------------------------------ AdcQuantizeNonIdeal
-struct AdcNonIdealKernel {
+// Attributes of the non-ideal conversion ops.
+struct NonIdealAttrs {
   int64_t bits, seed;
   float sigma;
-  AdcNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) {
+  explicit NonIdealAttrs(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     bits = ki.GetAttribute<int64_t>("bits");
     seed = ki.GetAttribute<int64_t>("seed");
     sigma = ki.GetAttribute<float>("noise_sigma");
   }
+};
+
+struct AdcNonIdealKernel : NonIdealAttrs {
+  AdcNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) : NonIdealAttrs(info) {}
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     NonIdeal ni(ctx, "AdcQuantizeNonIdeal", bits, seed, sigma);
@@ -391,16 +396,9 @@ struct AdcRecombineKernel {
   }
 };
 
-struct AdcRecombineNonIdealKernel {
-  int64_t bits, seed;
-  float sigma;
+struct AdcRecombineNonIdealKernel : NonIdealAttrs {
   RecombineDims d;
-  AdcRecombineNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) : d(recombine_dims(info)) {
-    Ort::ConstKernelInfo ki(info);
-    bits = ki.GetAttribute<int64_t>("bits");
-    seed = ki.GetAttribute<int64_t>("seed");
-    sigma = ki.GetAttribute<float>("noise_sigma");
-  }
+  AdcRecombineNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) : NonIdealAttrs(info), d(recombine_dims(info)) {}
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     NonIdeal ni(ctx, "AdcRecombineNonIdeal", bits, seed, sigma);
