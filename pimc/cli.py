@@ -23,18 +23,17 @@ def _err(msg: str) -> None:
     click.echo(f"pimc: error: {msg}", err=True)
 
 
-def compile_options(f):
-    """The compile options shared by `pimc compile` and `pimc eval`."""
-    for o in reversed(_COMPILE_OPTIONS):
-        f = o(f)
-    return f
+def _option_block(options_name: str):
+    """A decorator applying a list of click options (looked up at decoration time)."""
+    def decorate(f):
+        for o in reversed(globals()[options_name]):
+            f = o(f)
+        return f
+    return decorate
 
 
-def chip_options(f):
-    """The chip (non-ideal ADC and device) options shared by `pimc run` and `pimc eval`."""
-    for o in reversed(_CHIP_OPTIONS):
-        f = o(f)
-    return f
+compile_options = _option_block("_COMPILE_OPTIONS")   # shared by `pimc compile` and `pimc eval`
+chip_options = _option_block("_CHIP_OPTIONS")         # chip settings, shared by `pimc run` and `pimc eval`
 
 
 _COMPILE_OPTIONS = [
