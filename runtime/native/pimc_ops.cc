@@ -142,6 +142,28 @@ inline void convert_any(bool identity, bool noisy, const float* in, float* out, 
   }
 }
 
+// The inputs of an ideal conversion (s, scale, zero_point) and its range.
+struct Ideal {
+  const float* sp;
+  Shape4 sh;
+  ColParam sc, zp;
+  float top;
+
+  Ideal(Ort::KernelContext& ctx, const char* op, int64_t bits) {
+    auto s = ctx.GetInput(0);
+    sh = shape_of(s.GetTensorTypeAndShapeInfo().GetShape());
+    sp = s.GetTensorData<float>();
+    sc = col_param(ctx, 1, sh.cols, op, "scale");
+    zp = col_param(ctx, 2, sh.cols, op, "zero_point");
+    top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
+  }
+
+  // convert row r, column c into out (sh.inner values)
+  void run(int64_t r, int64_t c, float* out) const {
+    adc_ideal(sp + (r * sh.cols + c) * sh.inner, out, sh.inner, sc.at(c), zp.at(c), top);
+  }
+};
+
 // Everything a non-ideal conversion needs besides its column: the per-row noise
 // keys (one pass over the partial sums), the mixed counters, the curve.
 struct NonIdeal {
@@ -306,16 +328,11 @@ struct AdcKernel {
   AdcKernel(const OrtApi&, const OrtKernelInfo* info) { bits = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits"); }
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto s = ctx.GetInput(0);
-    auto shape = s.GetTensorTypeAndShapeInfo().GetShape();
-    Shape4 sh = shape_of(shape);
-    const float* sp = s.GetTensorData<float>();
-    ColParam sc = col_param(ctx, 1, sh.cols, "AdcQuantize", "scale"), zp = col_param(ctx, 2, sh.cols, "AdcQuantize", "zero_point");
+    Ideal adc(ctx, "AdcQuantize", bits);
+    auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
     float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
-    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
-    parallel(ctx, sh.rows * sh.cols, [&](int64_t rc) {
-      const int64_t c = rc % sh.cols;
-      adc_ideal(sp + rc * sh.inner, y + rc * sh.inner, sh.inner, sc.at(c), zp.at(c), top);
+    parallel(ctx, adc.sh.rows * adc.sh.cols, [&](int64_t rc) {
+      adc.run(rc / adc.sh.cols, rc % adc.sh.cols, y + rc * adc.sh.inner);
     });
   }
 };
@@ -376,22 +393,19 @@ struct AdcRecombineKernel {
       : bits(Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits")), d(recombine_dims(info)) {}
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto s = ctx.GetInput(0);
-    auto shape = s.GetTensorTypeAndShapeInfo().GetShape();
-    Shape4 sh = shape_of(shape);
-    const float* sp = s.GetTensorData<float>();
-    ColParam sc = col_param(ctx, 1, sh.cols, "AdcRecombine", "scale"), zp = col_param(ctx, 2, sh.cols, "AdcRecombine", "zero_point");
+    Ideal adc(ctx, "AdcRecombine", bits);
+    auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
     const float* coef = ctx.GetInput(3).GetTensorData<float>();
-    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
     int64_t B, coutg;
     float* y = recombine_output(ctx, shape, d, "AdcRecombine", B, coutg);
     parallel(ctx, B * d.G * coutg, [&](int64_t task) {
       thread_local std::vector<double> acc;
       thread_local std::vector<float> tmp;
-      recombine_task(task, d, B, sh.cols, coutg, sh.inner, coef, y, acc, tmp, [&](int64_t row, int64_t col, float* out) {
-        adc_ideal(sp + (row * sh.cols + col) * sh.inner, out, sh.inner, sc.at(col), zp.at(col), top);
-        return static_cast<const float*>(out);
-      });
+      recombine_task(task, d, B, adc.sh.cols, coutg, adc.sh.inner, coef, y, acc, tmp,
+                     [&](int64_t row, int64_t col, float* out) {
+                       adc.run(row, col, out);
+                       return static_cast<const float*>(out);
+                     });
     });
   }
 };
