@@ -147,9 +147,7 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
         # channels the chunk's tiles read: local channel c of group gi is gi*cin_g + c;
         # padding slots read an appended zero channel (index Cin)
         width = chunk_width(p, t0, t1)
-        gw = gemm_width(width)
-        idx = np.array([[gi * cin_g + c if (j < width and c >= 0) else cin
-                         for j, c in enumerate(np.pad(tp.channel[t], (0, max(0, gw - tp.width)), constant_values=-1)[:gw])]
+        idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.channel[t][:width]]
                         for gi in range(g) for t in range(t0, t1)], np.int64).reshape(-1)
         hin = h
         if not np.array_equal(idx, np.arange(cin)):
@@ -160,10 +158,7 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
                                    "pad_channel")
                 src = padded
             hin = em.op("Gather", [src, em.const("tile_channels" + sfx, idx)], "tile_gather" + sfx, {"axis": 1})
-        w = weights[:, t0:t1, s0:s1, :, :width]
-        if gw > width:   # zero rows: the same sums, a faster convolution kernel
-            w = np.concatenate([w, np.zeros((*w.shape[:4], gw - width, kh, kw), np.float32)], axis=4)
-        w = w.reshape(-1, gw, kh, kw)
+        w = weights[:, t0:t1, s0:s1, :, :width].reshape(-1, width, kh, kw)
         a = em.op("Conv", [hin, em.const("array_weight" + sfx, np.ascontiguousarray(w))], "array_mac" + sfx,
                   em.conv_attrs(g * (t1 - t0)))
         c = coef[:, s0:s1]
@@ -193,19 +188,6 @@ def chunk_width(p: LayerPlan, t0: int, t1: int) -> int:
     ch = p.tiling.channel[t0:t1]
     used = np.nonzero(np.any(ch >= 0, axis=0))[0]
     return int(used[-1]) + 1 if used.size else 1
-
-
-def gemm_width(width: int) -> int:
-    """Channels per group given to the array convolution.
-
-    onnxruntime's blocked (NCHWc) convolution kernels need channel groups of 8,
-    16, 32 or 64; a group of 14 runs about 1.5-2x slower per MAC than one of 16.
-    When padding with zero channels costs at most a quarter more MACs, pad.
-    """
-    for c in (8, 16, 32, 64):
-        if width <= c <= 1.25 * width:
-            return c
-    return width
 
 
 def tile_classes(p: LayerPlan, s0: int, s1: int, step: int | None = None) -> list[tuple[int, int, int, int]]:
