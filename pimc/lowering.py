@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .mapping import LayerPlan
+from .mapping import LayerPlan, column_indices
 from pimc.runtime.ops import DOMAIN
 
 
@@ -210,10 +210,7 @@ def tile_classes(p: LayerPlan, s0: int, s1: int, step: int | None = None) -> lis
 
 def chunk_columns(p: LayerPlan, chunk) -> np.ndarray:
     """Global column indices (group, tile, slice, out_channel order) of a chunk."""
-    t0, t1, s0, s1 = chunk
-    T, S, cout_g = p.n_tiles, p.n_slices, p.cout_g
-    gi, t, s, o = np.meshgrid(np.arange(p.group), np.arange(t0, t1), np.arange(s0, s1), np.arange(cout_g), indexing="ij")
-    return (((gi * T + t) * S + s) * cout_g + o).reshape(-1)
+    return column_indices(p.group, p.n_tiles, p.n_slices, p.cout_g, *chunk)
 
 
 def array_weights(p: LayerPlan) -> np.ndarray:

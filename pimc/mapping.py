@@ -228,6 +228,13 @@ class LayerPlan:
         return rec
 
 
+def column_indices(groups: int, tiles: int, slices: int, cout_g: int, t0: int, t1: int, s0: int, s1: int) -> np.ndarray:
+    """Global array-column indices, in (group, tile, slice, out_channel) order, of tiles
+    [t0, t1) and slices [s0, s1) of a layer with the given counts."""
+    gi, t, s, o = np.meshgrid(np.arange(groups), np.arange(t0, t1), np.arange(s0, s1), np.arange(cout_g), indexing="ij")
+    return (((gi * tiles + t) * slices + s) * cout_g + o).reshape(-1)
+
+
 def layer_graph(model_proto) -> nx.DiGraph:
     """Op-level dataflow graph of an ONNX model (node name -> node name)."""
     g = nx.DiGraph()

@@ -162,12 +162,9 @@ def read_mapping(model: onnx.ModelProto, source: str = "model") -> dict:
 
 
 def _chunk_cols(L: dict, chunk: dict) -> np.ndarray:
-    t = L["tiling"]
-    T, S = t["tiles_per_group"], len(L["slicing"]["weight_slices"])
-    G, cout_g = L["group"], L["cout"] // L["group"]
-    (t0, t1), (s0, s1) = chunk["tiles"], chunk["slices"]
-    gi, tt, ss, o = np.meshgrid(np.arange(G), np.arange(t0, t1), np.arange(s0, s1), np.arange(cout_g), indexing="ij")
-    return (((gi * T + tt) * S + ss) * cout_g + o).reshape(-1)
+    from pimc.mapping import column_indices
+    return column_indices(L["group"], L["tiling"]["tiles_per_group"], len(L["slicing"]["weight_slices"]),
+                          L["cout"] // L["group"], *chunk["tiles"], *chunk["slices"])
 
 
 def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model") -> onnx.ModelProto:

@@ -386,6 +386,26 @@ struct RecombineKernel {
 };
 
 // ------------------------------------------------------------------ AdcRecombine (fused)
+// Recombine(convert(s)): ``Conversion`` (Ideal or NonIdeal) converts one column of
+// one row into a scratch buffer, which is accumulated at once; s is read once.
+template <typename Conversion>
+void convert_and_recombine(Ort::KernelContext& ctx, const Conversion& conv, const RecombineDims& d, size_t coef_input,
+                           const char* op) {
+  auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
+  const float* coef = ctx.GetInput(coef_input).GetTensorData<float>();
+  int64_t B, coutg;
+  float* y = recombine_output(ctx, shape, d, op, B, coutg);
+  parallel(ctx, B * d.G * coutg, [&](int64_t task) {
+    thread_local std::vector<double> acc;
+    thread_local std::vector<float> tmp;
+    recombine_task(task, d, B, conv.sh.cols, coutg, conv.sh.inner, coef, y, acc, tmp,
+                   [&](int64_t row, int64_t col, float* out) {
+                     conv.run(row, col, out);
+                     return static_cast<const float*>(out);
+                   });
+  });
+}
+
 struct AdcRecombineKernel {
   int64_t bits;
   RecombineDims d;
@@ -393,20 +413,7 @@ struct AdcRecombineKernel {
       : bits(Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits")), d(recombine_dims(info)) {}
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    Ideal adc(ctx, "AdcRecombine", bits);
-    auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
-    const float* coef = ctx.GetInput(3).GetTensorData<float>();
-    int64_t B, coutg;
-    float* y = recombine_output(ctx, shape, d, "AdcRecombine", B, coutg);
-    parallel(ctx, B * d.G * coutg, [&](int64_t task) {
-      thread_local std::vector<double> acc;
-      thread_local std::vector<float> tmp;
-      recombine_task(task, d, B, adc.sh.cols, coutg, adc.sh.inner, coef, y, acc, tmp,
-                     [&](int64_t row, int64_t col, float* out) {
-                       adc.run(row, col, out);
-                       return static_cast<const float*>(out);
-                     });
-    });
+    convert_and_recombine(ctx, Ideal(ctx, "AdcRecombine", bits), d, 3, "AdcRecombine");
   }
 };
 
@@ -415,20 +422,7 @@ struct AdcRecombineNonIdealKernel : NonIdealAttrs {
   AdcRecombineNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) : NonIdealAttrs(info), d(recombine_dims(info)) {}
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    NonIdeal ni(ctx, "AdcRecombineNonIdeal", bits, seed, sigma);
-    auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
-    const float* coef = ctx.GetInput(6).GetTensorData<float>();
-    int64_t B, coutg;
-    float* y = recombine_output(ctx, shape, d, "AdcRecombineNonIdeal", B, coutg);
-    parallel(ctx, B * d.G * coutg, [&](int64_t task) {
-      thread_local std::vector<double> acc;
-      thread_local std::vector<float> tmp;
-      recombine_task(task, d, B, ni.sh.cols, coutg, ni.sh.inner, coef, y, acc, tmp,
-                     [&](int64_t row, int64_t col, float* out) {
-                       ni.run(row, col, out);
-                       return static_cast<const float*>(out);
-                     });
-    });
+    convert_and_recombine(ctx, NonIdeal(ctx, "AdcRecombineNonIdeal", bits, seed, sigma), d, 6, "AdcRecombineNonIdeal");
   }
 };
 
