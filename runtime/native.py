@@ -38,7 +38,7 @@ SOURCE = Path(__file__).parent / "native" / "pimc_ops.cc"
 # Built on the machine that runs it, so -march=native (AVX2 where there is one);
 # -ffp-contract=off keeps a*b+c unfused, as in the ONNX function bodies.  The cache
 # key includes the CPU's flags, so a shared cache never serves another CPU's build.
-FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared"]
 HEADER = "onnxruntime_cxx_api.h"
 SYSTEM_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/usr/include", "/usr/local/include"]
 DEBIAN_SUITE, DEBIAN_PACKAGE = "trixie", "libonnxruntime-dev"

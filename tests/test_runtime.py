@@ -260,11 +260,12 @@ def test_missing_headers_fall_back_to_function_bodies_once(tmp_path, compiled):
 @needs_native
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
-       st.integers(2, 7), st.integers(0, 2 ** 16))
-def test_fused_adc_recombine_three_ways(P, G, T, S, cout_g, B, bits, seed):
+       st.integers(2, 7), st.integers(0, 2 ** 16), st.sampled_from([(3, 2), (17, 19)]))
+def test_fused_adc_recombine_three_ways(P, G, T, S, cout_g, B, bits, seed, hw):
+    # (17, 19): 323 values per column, more than one block of the native kernels' curve lookup
     rng = np.random.default_rng(seed)
     cols = G * T * S * cout_g
-    s = np.round(rng.standard_normal((P * B, cols, 3, 2)) * 30).astype(np.float32)
+    s = np.round(rng.standard_normal((P * B, cols, *hw)) * 30).astype(np.float32)
     scale = rng.uniform(0.5, 6, (1, cols, 1, 1)).astype(np.float32)
     zp = np.round(rng.uniform(0, 2 ** bits, (1, cols, 1, 1))).astype(np.float32)
     coef = rng.choice([1, 2, 4, -8, -1], (P, S)).astype(np.float32)
