@@ -9,7 +9,8 @@ beta - mean*gamma/sqrt(var+eps) is folded, by ``config.fold_bn``:
 * ``weights``: into the layer's float weights and bias (the ADC then sees the
   folded weights, as on a chip programmed with them);
 * ``output``: into the per-column output affine applied after recombination
-  (weights untouched; the ADC sees the unfolded partial sums).
+  (weights untouched; the ADC sees the unfolded partial sums); the BN's
+  parameters are kept in the mapping (``bn_stats``) for ``pimc calibrate-bn``.
 
 Outputs are unchanged up to float rounding.  Other BNs stay digital.
 """
@@ -57,6 +58,10 @@ class FoldBatchNorm(Transformation):
                 if plan.bn_output is not None:
                     s0, t0 = plan.bn_output
                     s, t = s0 * s, t0 * s + t
+                    plan.bn_stats = None      # two BNs in a row: no single set of statistics to recalibrate
+                else:
+                    plan.bn_stats = {"gamma": gamma, "beta": beta, "mean": mean, "var": var, "eps": eps,
+                                     "bias": plan.bias if plan.bias is not None else np.zeros(plan.cout)}
                 plan.bn_output = (s.astype(np.float32), t.astype(np.float32))
                 plan.folded_bn = "output"
             out = bn.outputs[0]

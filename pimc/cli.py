@@ -229,60 +229,216 @@ def _read_inputs(sess, specs, load):
     return feed
 
 
-@cli.command("eval")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Evaluation images: a CIFAR-10/100 python directory, an .npz (x uint8 NHWC, y) or a folder of class folders.")
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--calib-from", "calib_from", type=click.Path(path_type=Path),
-              help="Calibration images (same formats).  [default: --data]")
-@click.option("--calib-split", type=click.Choice(["train", "test"]), default="train", show_default=True,
-              help="Split of the calibration images; never the evaluation images.")
-@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Preprocessing: x * scale ...")
-@click.option("--mean", default="0", show_default=True, help="... minus this per-channel mean (comma list) ...")
-@click.option("--std", default="1", show_default=True, help="... over this per-channel std (comma list).  "
-              "The shared ResNet-20: --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225.")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
-@click.option("--chips", type=int, default=0, show_default=True, help="Non-ideal PIM: evaluate this many chip instances "
-              "(seeds --chip-seed, --chip-seed+1, ...).")
-@click.option("--chip-preset", type=click.Choice(["pimqat-chip7", "ideal"]), help="Named chip for --chips.")
-@chip_options
-@click.option("--limit", type=int, help="Evaluate only the first N images.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-@compile_options
-def eval_cmd(model, data, split, calib_from, calib_split, scale, mean, std, layout, chips, chip_preset, limit,
-             batch_size, json_path, hw, preset, **opts):
-    """Evaluate MODEL: float, digital quantized, ideal PIM and non-ideal PIM chips on the same images."""
-    from .config import build_config
-    from .evaluate import evaluate, report_table, write_report
-    from pimc.runtime.chip import build_chip_config
+_CHIP_KEYS = ("adc", "chip_seed", "gain_sigma", "offset_sigma", "noise_sigma", "inl", "lut_csv",
+              "device_sigma_cell", "device_sigma_chip", "device_scope")
 
-    chip_keys = ("adc", "chip_seed", "gain_sigma", "offset_sigma", "noise_sigma", "inl", "lut_csv",
-                 "device_sigma_cell", "device_sigma_chip", "device_scope")
-    chip_opts = {k: opts.pop(k) for k in chip_keys}
-    if chip_opts.get("lut_csv") is not None:
-        chip_opts["lut_csv"] = str(chip_opts["lut_csv"])
-    if chip_opts.get("adc") is None:
-        chip_opts["adc"] = "nonideal"
-    if opts.get("calib_data") is not None:
-        raise PimcError("pimc eval calibrates on --calib-from/--calib-split images; drop --calib-data")
-    if chips < 0 or (limit is not None and limit < 1) or batch_size < 1:
-        raise PimcError("--chips must be >= 0, --limit and --batch-size >= 1")
+_DATA_OPTIONS = [
+    click.option("--data", required=True, type=click.Path(path_type=Path),
+                 help="Images: a CIFAR-10/100 python directory, an .npz (x uint8 NHWC, y) or a folder of class folders."),
+    click.option("--scale", type=float, default=1 / 255, show_default=True, help="Preprocessing: x * scale ..."),
+    click.option("--mean", default="0", show_default=True, help="... minus this per-channel mean (comma list) ..."),
+    click.option("--std", default="1", show_default=True, help="... over this per-channel std (comma list).  "
+                 "The shared ResNet-20: --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225."),
+    click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True),
+    click.option("--batch-size", type=int, default=256, show_default=True),
+]
+data_options = _option_block("_DATA_OPTIONS")
+
+_EVAL_OPTIONS = [
+    click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True),
+    click.option("--calib-from", "calib_from", type=click.Path(path_type=Path),
+                 help="Calibration images (same formats).  [default: --data]"),
+    click.option("--calib-split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+                 help="Split of the calibration images; never the evaluation images."),
+    click.option("--chips", type=int, default=0, show_default=True, help="Non-ideal PIM: evaluate this many chip "
+                 "instances (seeds --chip-seed, --chip-seed+1, ...)."),
+    click.option("--chip-preset", type=click.Choice(["pimqat-chip7", "ideal"]), help="Named chip for --chips."),
+    click.option("--calibrate-bn", is_flag=True, help="Also evaluate every chip after BN calibration on the "
+                 "calibration images (needs --fold-bn output; see `pimc calibrate-bn`)."),
+    click.option("--limit", type=int, help="Evaluate only the first N images."),
+    click.option("--stats-images", type=int, default=64, show_default=True, help="Per-layer SQNR, ADC clipping and "
+                 "code histograms on this many of the images (0: none)."),
+    click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                 help="local: this machine, every session on all cores; ray: chips and data shards as Ray tasks "
+                 "(pip install 'pimc[ray]')."),
+    click.option("--ray-address", help="Ray cluster address for --executor ray.  [default: start a local Ray]"),
+    click.option("--shards", type=int, default=0, help="Data shards per model for --executor ray.  [default: the "
+                 "cluster's CPUs]"),
+    click.option("--threads", type=int, default=0, help="onnxruntime threads per session, local executor.  "
+                 "[default: all cores]"),
+]
+eval_options = _option_block("_EVAL_OPTIONS")
+
+
+def _prep(scale, mean, std, layout) -> dict:
     try:
-        prep = {"scale": scale, "mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")],
+        return {"scale": scale, "mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")],
                 "layout": layout}
     except ValueError:
         raise PimcError(f"--mean/--std: '{mean}' / '{std}' are not comma lists of numbers")
+
+
+def _split_chip_opts(opts: dict, default_adc: str = "nonideal") -> dict:
+    chip_opts = {k: opts.pop(k) for k in _CHIP_KEYS}
+    if chip_opts.get("lut_csv") is not None:
+        chip_opts["lut_csv"] = str(chip_opts["lut_csv"])
+    if chip_opts.get("adc") is None:
+        chip_opts["adc"] = default_adc
+    return chip_opts
+
+
+def _eval_setup(opts: dict, hw, preset, chip_preset, eval_opts: dict):
+    """Compile config, chip, preprocessing and executor of `pimc eval` / `pimc sweep`."""
+    from .config import build_config
+    from .executor import make_executor
+    from pimc.runtime.chip import build_chip_config
+
+    chip_opts = _split_chip_opts(opts)
+    if opts.get("calib_data") is not None:
+        raise PimcError("pimc eval calibrates on --calib-from/--calib-split images; drop --calib-data")
+    e = eval_opts
+    if e["chips"] < 0 or (e["limit"] is not None and e["limit"] < 1) or e["batch_size"] < 1 or e["stats_images"] < 0 \
+            or e["shards"] < 0 or e["threads"] < 0:
+        raise PimcError("--chips, --stats-images, --shards and --threads must be >= 0, --limit and --batch-size >= 1")
+    if e["calibrate_bn"] and opts.get("fold_bn") is None:
+        opts["fold_bn"] = "output"
     cfg = build_config(preset=preset, hw=hw, **opts)
     chip = build_chip_config(preset=chip_preset, hw=hw, **chip_opts)
+    log = lambda m: click.echo(m, err=True)
+    from .evaluate import _Progress
+    ex = make_executor(e["executor"], threads=e["threads"], ray_address=e["ray_address"], shards=e["shards"],
+                       progress_factory=lambda n, d: _Progress(n, d, log), log=log)
+    return cfg, chip, ex, log
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@data_options
+@eval_options
+@chip_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), help="Write an HTML report "
+              "with PNG plots into this directory (index.html; needs pip install 'pimc[report]').")
+@compile_options
+def eval_cmd(model, data, scale, mean, std, layout, batch_size, split, calib_from, calib_split, chips, chip_preset,
+             calibrate_bn, limit, stats_images, executor, ray_address, shards, threads, json_path, html_dir, hw,
+             preset, **opts):
+    """Evaluate MODEL: float, digital quantized, ideal PIM and non-ideal PIM chips on the same images."""
+    from .evaluate import evaluate, report_table, write_report
+
+    e = dict(chips=chips, limit=limit, batch_size=batch_size, stats_images=stats_images, shards=shards,
+             threads=threads, calibrate_bn=calibrate_bn, executor=executor, ray_address=ray_address)
+    cfg, chip, ex, log = _eval_setup(opts, hw, preset, chip_preset, e)
+    if html_dir is not None:
+        from .htmlreport import check_available
+        check_available()
     report = evaluate(str(model), str(data), cfg, chip=chip, chips=chips, split=split,
-                      calib_data=str(calib_from) if calib_from else None, calib_split=calib_split, prep=prep,
-                      limit=limit, batch=batch_size, log=lambda m: click.echo(m, err=True))
+                      calib_data=str(calib_from) if calib_from else None, calib_split=calib_split,
+                      prep=_prep(scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
+                      stats_images=stats_images, executor=ex, log=log)
     click.echo(report_table(report))
     if json_path:
         write_report(report, json_path)
         click.echo(f"wrote {json_path}")
+    if html_dir is not None:
+        from .htmlreport import write_html
+        write_html(report, html_dir)
+        click.echo(f"wrote {html_dir / 'index.html'}")
+
+
+@cli.command("calibrate-bn")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@data_options
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Split of the calibration images (keep the evaluation images out).")
+@click.option("--images", type=int, default=256, show_default=True, help="Calibration images (a seeded random "
+              "subset of the split).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image subset.")
+@click.option("--chip-preset", type=click.Choice(["pimqat-chip7", "ideal"]), help="Named chip.")
+@chip_options
+@click.option("--hw", "hw", type=click.Path(path_type=Path), help="Hardware TOML file ([nonideal] table).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The recalibrated PIM IR model (for this chip).")
+def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, images, seed, chip_preset, hw,
+                     output, **opts):
+    """Re-estimate the BatchNorm statistics of MODEL (compiled with --fold-bn output) under one chip's
+    non-ideal forward pass, layer by layer, on calibration images; no PyTorch."""
+    import numpy as np
+
+    from .bncal import calibrate_bn
+    from .datasets import load_images, preprocess
+    from .io import load_onnx, write_bytes_atomic
+    from pimc.runtime.chip import build_chip_config
+
+    if images < 1 or batch_size < 1:
+        raise PimcError("--images and --batch-size must be >= 1")
+    if output.resolve() == model.resolve():
+        raise PimcError(f"-o: output '{output}' would overwrite the input model; choose another path")
+    chip = build_chip_config(preset=chip_preset, hw=hw, **_split_chip_opts(opts))
+    proto = load_onnx(model)
+    x_u8, _ = load_images(data, split)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x_u8))[:images])
+    x = preprocess(x_u8[pick], **_prep(scale, mean, std, layout))
+    new, rec = calibrate_bn(proto, chip, x, batch=min(batch_size, 64), source=str(model),
+                            log=lambda m: click.echo(m, err=True))
+    write_bytes_atomic(new.SerializeToString(), output)
+    worst = max(rec["layers"], key=lambda r: r["mean_shift_over_std"])
+    click.echo(f"recalibrated {len(rec['layers'])} BatchNorms on {len(x)} images of '{data}' split {split}, "
+               f"chip seed {chip.chip_seed}; largest mean shift {worst['mean_shift_over_std']:.3f} std "
+               f"({worst['layer']})")
+    click.echo(f"wrote {output}")
+
+
+@cli.command("compare")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def compare_cmd(reports):
+    """Side-by-side accuracies of `pimc eval` JSON REPORTS, with deltas against the first."""
+    from .compare import compare_reports, load_report
+    click.echo(compare_reports([load_report(p) for p in reports], [str(p) for p in reports]))
+
+
+@cli.command("sweep")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@data_options
+@eval_options
+@chip_options
+@click.option("--schemes", default="native,differential,bit-serial", show_default=True,
+              help="Comma list of PIM schemes.")
+@click.option("--adc-bits-list", "adc_bits_list", default="3,4,5,6,7,8", show_default=True,
+              help="Comma list of ADC resolutions.")
+@click.option("--grid", "grid", multiple=True, help="More axes: KEY=V1,V2 over compile options (e.g. "
+              "weight_bits=4,8 or array_rows=64,128); repeatable.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write all points as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG: accuracy against ADC bits per scheme (needs pip install 'pimc[report]').")
+@compile_options
+def sweep_cmd(model, data, scale, mean, std, layout, batch_size, split, calib_from, calib_split, chips, chip_preset,
+              calibrate_bn, limit, stats_images, executor, ray_address, shards, threads, schemes, adc_bits_list, grid,
+              json_path, plot_path, hw, preset, **opts):
+    """Evaluate MODEL over a grid: schemes x ADC bits x --grid axes (float and digital once per quantization)."""
+    from .sweep import parse_grid, sweep, sweep_table, write_sweep_plot
+    from .evaluate import write_report
+
+    if opts.get("scheme") is not None or opts.get("adc_bits") is not None:
+        raise PimcError("pimc sweep takes --schemes and --adc-bits-list, not --scheme/--adc-bits")
+    e = dict(chips=chips, limit=limit, batch_size=batch_size, stats_images=stats_images, shards=shards,
+             threads=threads, calibrate_bn=calibrate_bn, executor=executor, ray_address=ray_address)
+    axes = parse_grid(schemes, adc_bits_list, grid)
+    cfg, chip, ex, log = _eval_setup(opts, hw, preset, chip_preset, e)
+    if plot_path is not None:
+        from .htmlreport import check_available
+        check_available()
+    result = sweep(str(model), str(data), cfg, axes, chip=chip, chips=chips, split=split,
+                   calib_data=str(calib_from) if calib_from else None, calib_split=calib_split,
+                   prep=_prep(scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
+                   stats_images=stats_images, executor=ex, log=log)
+    click.echo(sweep_table(result))
+    if json_path:
+        write_report(result, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path is not None:
+        write_sweep_plot(result, plot_path)
+        click.echo(f"wrote {plot_path}")
 
 
 @cli.command("native")

@@ -98,6 +98,18 @@ def load_images(path: str | Path, split: str = "test") -> tuple[np.ndarray, np.n
     return _load_folder(p / split if (p / split).is_dir() else p, p)
 
 
+def has_splits(path: str | Path) -> bool:
+    """Whether ``path`` holds separate train and test splits (else both splits read the same images)."""
+    p = Path(path)
+    if p.is_file():
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {"x_train", "x_test"} <= set(z.files) and not {"x", "y"} <= set(z.files)
+        except (ValueError, OSError, EOFError):
+            return False
+    return (p / "test_batch").is_file() or (p / "meta").is_file() or ((p / "train").is_dir() and (p / "test").is_dir())
+
+
 def _load_npz(p: Path, split: str):
     try:
         with np.load(p, allow_pickle=False) as z:

@@ -107,7 +107,8 @@ def _build(em: _Emitter, p: LayerPlan) -> None:
                   {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
         acc = _integer_core(em, p, q)
         out_scale = (np.float32(iq.scale) * wq.scale.astype(np.float32) * scale).astype(np.float32)
-        has_shift = shift is not None and np.any(shift != 0)
+        # a kept BatchNorm always gets its Add, so that calibrate-bn can rewrite the shift
+        has_shift = shift is not None and (p.bn_stats is not None or bool(np.any(shift != 0)))
         y = em.op("Mul", [acc, em.const("out_scale", out_scale.reshape(1, -1, 1, 1))], "dequantize",
                   out=None if has_shift else final)
         if has_shift:

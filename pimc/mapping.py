@@ -83,6 +83,9 @@ class LayerPlan:
     auto_pad: str = "NOTSET"
     bn_output: tuple[np.ndarray, np.ndarray] | None = None  # (scale, shift) kept after the array
     folded_bn: str | None = None
+    # BatchNorm folded into the output affine: gamma, beta, mean, var, eps and the
+    # layer's own bias, kept so that `pimc calibrate-bn` can re-estimate mean/var
+    bn_stats: dict | None = None
     in_spatial: list[int] | None = None   # input H, W seen (static shape or calibration)
     input_quant: InputQuant | None = None
     weight_quant: WeightQuant | None = None
@@ -183,6 +186,9 @@ class LayerPlan:
             "bn": ("folded into " + self.folded_bn) if self.folded_bn else None,
             "output_spatial": self.out_spatial(),
         }
+        if self.bn_stats is not None:
+            rec["bn_stats"] = {k: (float(v) if np.ndim(v) == 0 else [float(x) for x in v])
+                               for k, v in self.bn_stats.items()}
         if self.input_quant:
             iq = self.input_quant
             rec["input_quant"] = {"scale": float(iq.scale), "bits": iq.bits, "signed": bool(iq.signed),

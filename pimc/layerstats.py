@@ -1,0 +1,98 @@
+"""Per-layer figures of a compiled model against the digital model, for reports.
+
+For each crossbar layer, on a few images:
+
+* ``sqnr_db``: signal-to-quantization-noise ratio of the layer's output against
+  the digital quantized model's output for the same images,
+  ``10 log10(sum d^2 / sum (p - d)^2)`` (``None`` with ``exact: true`` where they
+  are identical); the error accumulates through the network, as on a chip;
+* ``clip_rate``: the fraction of ADC conversions whose noise-free code
+  ``round(gain * s / scale + offset + zero_point)`` (gain 1, offset 0 on the
+  ideal ADC) falls outside ``[0, 2^bits - 1]`` and is clipped;
+* ``code_hist``: how often each of the ``2^bits`` output codes (noise-free,
+  after clipping) is used;
+* ``conversions_per_inference``: ADC conversions per input image, counted from
+  the partial-sum tensors themselves.
+
+The partial sums are read by adding the ADC nodes' inputs as model outputs;
+images are processed in small batches (``batch``) to bound that memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .bncal import _input_name, with_outputs
+
+ADC_NODE_TYPES = {"AdcQuantize", "AdcRecombine", "AdcQuantizeNonIdeal", "AdcRecombineNonIdeal"}
+
+
+def adc_nodes(model: onnx.ModelProto, mapping: dict) -> dict[str, list[dict]]:
+    """Per layer name: its ADC nodes' partial-sum tensor and constant parameters."""
+    inits = {t.name: t for t in model.graph.initializer}
+    const = lambda n: numpy_helper.to_array(inits[n]).astype(np.float32) if n in inits else None
+    out: dict[str, list[dict]] = {}
+    for n in model.graph.node:
+        if n.domain != "ai.pimc" or n.op_type not in ADC_NODE_TYPES or "/pimc/adc" not in n.name:
+            continue
+        layer = n.name.split("/pimc/adc")[0]
+        bits = next(a.i for a in n.attribute if a.name == "bits")
+        nonideal = n.op_type.endswith("NonIdeal")
+        out.setdefault(layer, []).append({
+            "s": n.input[0], "bits": bits, "scale": const(n.input[1]), "zero_point": const(n.input[2]),
+            "gain": const(n.input[3]) if nonideal else None, "offset": const(n.input[4]) if nonideal else None})
+    return out
+
+
+def _codes(s: np.ndarray, a: dict) -> np.ndarray:
+    w = s / a["scale"]
+    if a["gain"] is not None:
+        w = a["gain"] * w + a["offset"]
+    return np.round(w + a["zero_point"])
+
+
+def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x: np.ndarray,
+                batch: int = 8) -> list[dict]:
+    """Per-layer figures of ``pim`` (a compiled model, chip already instantiated)
+    against ``digital`` on images ``x``."""
+    from pimc.runtime.session import open_session
+
+    produced = lambda m: {o for n in m.graph.node for o in n.output}
+    both = produced(digital) & produced(pim)
+    layers = [L for L in mapping["layers"] if L["output"] in both]
+    adcs = adc_nodes(pim, mapping)
+    outs = [L["output"] for L in layers]
+    s_names = [a["s"] for L in layers for a in adcs.get(L["name"], [])]
+    d_sess = open_session(with_outputs(digital, outs))
+    p_sess = open_session(with_outputs(pim, outs + s_names))
+    name = _input_name(pim)
+    acc = {L["name"]: {"sig": 0.0, "err": 0.0, "clip": 0, "conv": 0,
+                       "hist": None} for L in layers}
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        d = dict(zip(outs, d_sess.run(outs, {name: xb})))
+        p = dict(zip(outs + s_names, p_sess.run(outs + s_names, {name: xb})))
+        for L in layers:
+            a = acc[L["name"]]
+            dv, pv = d[L["output"]].astype(np.float64), p[L["output"]].astype(np.float64)
+            a["sig"] += float(np.sum(dv * dv))
+            a["err"] += float(np.sum((pv - dv) ** 2))
+            for adc in adcs.get(L["name"], []):
+                top = 2 ** adc["bits"] - 1
+                code = _codes(p[adc["s"]], adc)
+                a["clip"] += int(np.count_nonzero((code < 0) | (code > top)))
+                a["conv"] += code.size
+                h = np.bincount(np.clip(code, 0, top).astype(np.int64).ravel(), minlength=top + 1)
+                a["hist"] = h if a["hist"] is None else a["hist"] + h
+    rows = []
+    for L in layers:
+        a = acc[L["name"]]
+        exact = a["err"] == 0.0
+        rec = {"layer": L["name"], "sqnr_db": None if exact or a["sig"] == 0 else
+               float(10 * np.log10(a["sig"] / a["err"])), "exact": exact}
+        if a["conv"]:
+            rec.update(adc_bits=int(len(a["hist"]) - 1).bit_length(), clip_rate=a["clip"] / a["conv"],
+                       code_hist=[int(v) for v in a["hist"]], conversions_per_inference=a["conv"] // len(x))
+        rows.append(rec)
+    return rows
