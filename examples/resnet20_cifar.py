@@ -108,6 +108,13 @@ def export_onnx(model: nn.Module, path: str, exporter: str = "legacy", opset: in
                 sys.stdout = out
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
+    # the preprocessing the model expects, for `pimc eval` (metadata key pimc.preprocess)
+    import json
+    import onnx
+    m = onnx.load(path)
+    m.metadata_props.add(key="pimc.preprocess", value=json.dumps(
+        {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "layout": "NCHW"}))
+    onnx.save(m, path)
 
 
 def main():

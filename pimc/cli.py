@@ -235,11 +235,12 @@ _CHIP_KEYS = ("adc", "chip_seed", "gain_sigma", "offset_sigma", "noise_sigma", "
 _DATA_OPTIONS = [
     click.option("--data", required=True, type=click.Path(path_type=Path),
                  help="Images: a CIFAR-10/100 python directory, an .npz (x uint8 NHWC, y) or a folder of class folders."),
-    click.option("--scale", type=float, default=1 / 255, show_default=True, help="Preprocessing: x * scale ..."),
-    click.option("--mean", default="0", show_default=True, help="... minus this per-channel mean (comma list) ..."),
-    click.option("--std", default="1", show_default=True, help="... over this per-channel std (comma list).  "
-                 "The shared ResNet-20: --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225."),
-    click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True),
+    click.option("--scale", type=float, help="Preprocessing: x * scale ...  [default: the model's metadata "
+                 "pimc.preprocess, else 1/255]"),
+    click.option("--mean", help="... minus this per-channel mean (comma list) ...  [default: metadata, else 0]"),
+    click.option("--std", help="... over this per-channel std (comma list).  [default: metadata, else 1]  "
+                 "The shared ResNet-20 (its export records them): --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225."),
+    click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="[default: metadata, else NCHW]"),
     click.option("--batch-size", type=int, default=256, show_default=True),
 ]
 data_options = _option_block("_DATA_OPTIONS")
@@ -270,12 +271,22 @@ _EVAL_OPTIONS = [
 eval_options = _option_block("_EVAL_OPTIONS")
 
 
-def _prep(scale, mean, std, layout) -> dict:
+def _prep(model, scale, mean, std, layout) -> dict:
+    """Preprocessing: the options given, else the model's metadata, else the defaults."""
+    from .datasets import PREPROCESS_DEFAULTS, model_preprocess
+    prep = dict(model_preprocess(model) or PREPROCESS_DEFAULTS)
     try:
-        return {"scale": scale, "mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")],
-                "layout": layout}
+        if mean is not None:
+            prep["mean"] = [float(v) for v in mean.split(",")]
+        if std is not None:
+            prep["std"] = [float(v) for v in std.split(",")]
     except ValueError:
         raise PimcError(f"--mean/--std: '{mean}' / '{std}' are not comma lists of numbers")
+    if scale is not None:
+        prep["scale"] = scale
+    if layout is not None:
+        prep["layout"] = layout
+    return prep
 
 
 def _split_chip_opts(opts: dict, default_adc: str = "nonideal") -> dict:
@@ -334,7 +345,7 @@ def eval_cmd(model, data, scale, mean, std, layout, batch_size, split, calib_fro
         check_available()
     report = evaluate(str(model), str(data), cfg, chip=chip, chips=chips, split=split,
                       calib_data=str(calib_from) if calib_from else None, calib_split=calib_split,
-                      prep=_prep(scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
+                      prep=_prep(model, scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
                       stats_images=stats_images, executor=ex, log=log)
     click.echo(report_table(report))
     if json_path:
@@ -378,7 +389,7 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
     proto = load_onnx(model)
     x_u8, _ = load_images(data, split)
     pick = np.sort(np.random.default_rng(seed).permutation(len(x_u8))[:images])
-    x = preprocess(x_u8[pick], **_prep(scale, mean, std, layout))
+    x = preprocess(x_u8[pick], **_prep(model, scale, mean, std, layout))
     new, rec = calibrate_bn(proto, chip, x, batch=min(batch_size, 64), source=str(model),
                             log=lambda m: click.echo(m, err=True))
     write_bytes_atomic(new.SerializeToString(), output)
@@ -430,7 +441,7 @@ def sweep_cmd(model, data, scale, mean, std, layout, batch_size, split, calib_fr
         check_available()
     result = sweep(str(model), str(data), cfg, axes, chip=chip, chips=chips, split=split,
                    calib_data=str(calib_from) if calib_from else None, calib_split=calib_split,
-                   prep=_prep(scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
+                   prep=_prep(model, scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
                    stats_images=stats_images, executor=ex, log=log)
     click.echo(sweep_table(result))
     if json_path:

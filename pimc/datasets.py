@@ -163,3 +163,28 @@ def preprocess(x: np.ndarray, scale: float = 1 / 255, mean=(0.0,), std=(1.0,), l
     elif layout != "NHWC":
         raise PimcError(f"layout '{layout}' is not NCHW or NHWC")
     return np.ascontiguousarray(x, np.float32)
+
+
+PREPROCESS_DEFAULTS = {"scale": 1 / 255, "mean": [0.0], "std": [1.0], "layout": "NCHW"}
+
+
+def model_preprocess(model_path) -> dict | None:
+    """The preprocessing recorded in a model's metadata (key ``pimc.preprocess``:
+    JSON with scale, mean, std, layout), or None."""
+    import json
+
+    import onnx
+    try:
+        m = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # the command that loads the model reports a bad file properly
+        return None
+    meta = {p.key: p.value for p in m.metadata_props}
+    if "pimc.preprocess" not in meta:
+        return None
+    try:
+        d = json.loads(meta["pimc.preprocess"])
+        return {"scale": float(d["scale"]), "mean": [float(v) for v in d["mean"]], "std": [float(v) for v in d["std"]],
+                "layout": str(d.get("layout", "NCHW"))}
+    except (ValueError, KeyError, TypeError):
+        raise PimcError(f"'{model_path}': metadata pimc.preprocess is not JSON with scale, mean, std, layout")
+

@@ -34,6 +34,7 @@ class PimModel:
     calibration: dict = field(default_factory=dict)         # where calibration data came from (recorded)
     calib_inputs: dict | None = None                         # name -> array, loaded once (not recorded)
     stage: str = "imported"
+    carried_metadata: dict = field(default_factory=dict)   # source metadata kept in the IR (pimc.preprocess)
 
     def mapping(self) -> dict:
         return {
@@ -65,7 +66,8 @@ class PimModel:
         model.producer_name = "pimc"
         model.producer_version = __version__
         meta = {"pimc.version": __version__, "pimc.config": self.config.to_json(),
-                "pimc.mapping": json.dumps(self.mapping(), sort_keys=True), "pimc.stage": self.stage}
+                "pimc.mapping": json.dumps(self.mapping(), sort_keys=True), "pimc.stage": self.stage,
+                **self.carried_metadata}
         del model.metadata_props[:]
         for k, v in meta.items():
             model.metadata_props.add(key=k, value=v)

@@ -30,11 +30,16 @@ from .model import PimModel
 from pimc import passes as P
 
 
+# source-model metadata copied into every compiled model
+CARRIED_METADATA = ("pimc.preprocess",)
+
+
 def new_pim_model(proto: onnx.ModelProto, config: CompileConfig, source: str) -> PimModel:
     """The PimModel the first pass receives: the normalised, imported graph."""
     from pimc.passes.import_model import import_graph
     graph, opset = import_graph(proto, source)
-    return PimModel(graph=graph, config=config, opset=opset, source=source)
+    carried = {p.key: p.value for p in proto.metadata_props if p.key in CARRIED_METADATA}
+    return PimModel(graph=graph, config=config, opset=opset, source=source, carried_metadata=carried)
 
 
 def pass_list(cfg: CompileConfig) -> list:

@@ -177,3 +177,21 @@ def test_ray_executor_gives_the_local_result(digits):
         ray.shutdown()
     assert remote["executor"] == "ray" and local["executor"] == "local"
     assert strip_timing(remote) == strip_timing(local)
+
+
+def test_preprocessing_comes_from_the_model_metadata_and_survives_compile(digits, tmp_path, capsys):
+    model, data = digits
+    m = onnx.load(model)
+    m.metadata_props.add(key="pimc.preprocess", value=json.dumps({"scale": 0.0625, "mean": [0], "std": [1],
+                                                                  "layout": "NCHW"}))
+    tagged = tmp_path / "tagged.onnx"
+    onnx.save(m, tagged)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--data", data, "--limit", "60", "--scheme", "digital", "--calib-samples", "32", "--stats-images", "0"]
+    assert main(["eval", str(tagged), *common, "--json", str(a)]) == 0
+    assert main(["eval", model, *common, "--scale", "0.0625", "--json", str(b)]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["data"]["preprocess"] == rb["data"]["preprocess"] and ra["results"] == rb["results"]
+    pim = tmp_path / "t.pim.onnx"
+    assert main(["compile", str(tagged), "-o", str(pim), "-q"]) == 0
+    assert "pimc.preprocess" in {p.key for p in onnx.load(pim).metadata_props}

@@ -221,6 +221,9 @@ struct Ideal {
   }
 };
 
+// The row key of the noise reads this many partial sums of the row (KEY_VALUES in runtime/ops.py).
+constexpr int64_t kKeyValues = 4096;
+
 // Everything a non-ideal conversion needs besides its column: the per-row noise
 // keys (one pass over the partial sums), the mixed counters, the curve.
 struct NonIdeal {
@@ -262,17 +265,19 @@ struct NonIdeal {
     if (noisy) {
       const uint32_t ms = mix32(static_cast<uint32_t>(seed));
       parallel(ctx, sh.rows, [&](int64_t r) {
-        // sum of floor(16 s): four float64 partial sums of integers, exact and so order-free
+        // sum of floor(16 s) over the row's first kKeyValues values: four float64
+        // partial sums of integers, exact and so order-free
         const float* __restrict in = sp + r * row;
+        const int64_t nk = std::min(row, kKeyValues);
         double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
         int64_t i = 0;
-        for (; i + 4 <= row; i += 4) {
+        for (; i + 4 <= nk; i += 4) {
           a0 += std::floor(static_cast<double>(in[i]) * 16.0);
           a1 += std::floor(static_cast<double>(in[i + 1]) * 16.0);
           a2 += std::floor(static_cast<double>(in[i + 2]) * 16.0);
           a3 += std::floor(static_cast<double>(in[i + 3]) * 16.0);
         }
-        for (; i < row; ++i) a0 += std::floor(static_cast<double>(in[i]) * 16.0);
+        for (; i < nk; ++i) a0 += std::floor(static_cast<double>(in[i]) * 16.0);
         const double acc = (a0 + a1) + (a2 + a3);
         uint64_t mag = static_cast<uint64_t>(std::fmod(std::fabs(acc), 4294967296.0));
         key[r] = mix32(static_cast<uint32_t>(mag) + ms);
