@@ -298,28 +298,45 @@ def _split_chip_opts(opts: dict, default_adc: str = "nonideal") -> dict:
     return chip_opts
 
 
-def _eval_setup(opts: dict, hw, preset, chip_preset, eval_opts: dict):
-    """Compile config, chip, preprocessing and executor of `pimc eval` / `pimc sweep`."""
+def _eval_setup(model: Path, opts: dict, plots: bool) -> tuple:
+    """Pop the data, evaluation, chip and compile options of `pimc eval` / `pimc sweep`
+    from ``opts``; return (data path, compile config, the other evaluate() arguments)."""
     from .config import build_config
+    from .evaluate import _Progress
     from .executor import make_executor
     from pimc.runtime.chip import build_chip_config
 
+    e = {k: opts.pop(k) for k in ("data", "scale", "mean", "std", "layout", "batch_size", "split", "calib_from",
+                                  "calib_split", "chips", "chip_preset", "calibrate_bn", "limit", "stats_images",
+                                  "executor", "ray_address", "shards", "threads", "hw", "preset")}
     chip_opts = _split_chip_opts(opts)
     if opts.get("calib_data") is not None:
         raise PimcError("pimc eval calibrates on --calib-from/--calib-split images; drop --calib-data")
-    e = eval_opts
     if e["chips"] < 0 or (e["limit"] is not None and e["limit"] < 1) or e["batch_size"] < 1 or e["stats_images"] < 0 \
             or e["shards"] < 0 or e["threads"] < 0:
         raise PimcError("--chips, --stats-images, --shards and --threads must be >= 0, --limit and --batch-size >= 1")
     if e["calibrate_bn"] and opts.get("fold_bn") is None:
         opts["fold_bn"] = "output"
-    cfg = build_config(preset=preset, hw=hw, **opts)
-    chip = build_chip_config(preset=chip_preset, hw=hw, **chip_opts)
+    cfg = build_config(preset=e["preset"], hw=e["hw"], **opts)
+    chip = build_chip_config(preset=e["chip_preset"], hw=e["hw"], **chip_opts)
+    if plots:
+        from .htmlreport import check_available
+        check_available()
     log = lambda m: click.echo(m, err=True)
-    from .evaluate import _Progress
     ex = make_executor(e["executor"], threads=e["threads"], ray_address=e["ray_address"], shards=e["shards"],
                        progress_factory=lambda n, d: _Progress(n, d, log), log=log)
-    return cfg, chip, ex, log
+    kw = dict(chip=chip, chips=e["chips"], split=e["split"], calib_data=str(e["calib_from"]) if e["calib_from"] else None,
+              calib_split=e["calib_split"], prep=_prep(model, e["scale"], e["mean"], e["std"], e["layout"]),
+              limit=e["limit"], batch=e["batch_size"], calibrate_bn=e["calibrate_bn"], stats_images=e["stats_images"],
+              executor=ex, log=log)
+    return str(e["data"]), cfg, kw
+
+
+def _write_json(obj: dict, path) -> None:
+    if path:
+        from .evaluate import write_report
+        write_report(obj, path)
+        click.echo(f"wrote {path}")
 
 
 @cli.command("eval")
@@ -331,26 +348,14 @@ def _eval_setup(opts: dict, hw, preset, chip_preset, eval_opts: dict):
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), help="Write an HTML report "
               "with PNG plots into this directory (index.html; needs pip install 'pimc[report]').")
 @compile_options
-def eval_cmd(model, data, scale, mean, std, layout, batch_size, split, calib_from, calib_split, chips, chip_preset,
-             calibrate_bn, limit, stats_images, executor, ray_address, shards, threads, json_path, html_dir, hw,
-             preset, **opts):
+def eval_cmd(model, json_path, html_dir, **opts):
     """Evaluate MODEL: float, digital quantized, ideal PIM and non-ideal PIM chips on the same images."""
-    from .evaluate import evaluate, report_table, write_report
+    from .evaluate import evaluate, report_table
 
-    e = dict(chips=chips, limit=limit, batch_size=batch_size, stats_images=stats_images, shards=shards,
-             threads=threads, calibrate_bn=calibrate_bn, executor=executor, ray_address=ray_address)
-    cfg, chip, ex, log = _eval_setup(opts, hw, preset, chip_preset, e)
-    if html_dir is not None:
-        from .htmlreport import check_available
-        check_available()
-    report = evaluate(str(model), str(data), cfg, chip=chip, chips=chips, split=split,
-                      calib_data=str(calib_from) if calib_from else None, calib_split=calib_split,
-                      prep=_prep(model, scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
-                      stats_images=stats_images, executor=ex, log=log)
+    data, cfg, kw = _eval_setup(model, opts, plots=html_dir is not None)
+    report = evaluate(str(model), data, cfg, **kw)
     click.echo(report_table(report))
-    if json_path:
-        write_report(report, json_path)
-        click.echo(f"wrote {json_path}")
+    _write_json(report, json_path)
     if html_dir is not None:
         from .htmlreport import write_html
         write_html(report, html_dir)
@@ -423,30 +428,17 @@ def compare_cmd(reports):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG: accuracy against ADC bits per scheme (needs pip install 'pimc[report]').")
 @compile_options
-def sweep_cmd(model, data, scale, mean, std, layout, batch_size, split, calib_from, calib_split, chips, chip_preset,
-              calibrate_bn, limit, stats_images, executor, ray_address, shards, threads, schemes, adc_bits_list, grid,
-              json_path, plot_path, hw, preset, **opts):
+def sweep_cmd(model, schemes, adc_bits_list, grid, json_path, plot_path, **opts):
     """Evaluate MODEL over a grid: schemes x ADC bits x --grid axes (float and digital once per quantization)."""
     from .sweep import parse_grid, sweep, sweep_table, write_sweep_plot
-    from .evaluate import write_report
 
     if opts.get("scheme") is not None or opts.get("adc_bits") is not None:
         raise PimcError("pimc sweep takes --schemes and --adc-bits-list, not --scheme/--adc-bits")
-    e = dict(chips=chips, limit=limit, batch_size=batch_size, stats_images=stats_images, shards=shards,
-             threads=threads, calibrate_bn=calibrate_bn, executor=executor, ray_address=ray_address)
     axes = parse_grid(schemes, adc_bits_list, grid)
-    cfg, chip, ex, log = _eval_setup(opts, hw, preset, chip_preset, e)
-    if plot_path is not None:
-        from .htmlreport import check_available
-        check_available()
-    result = sweep(str(model), str(data), cfg, axes, chip=chip, chips=chips, split=split,
-                   calib_data=str(calib_from) if calib_from else None, calib_split=calib_split,
-                   prep=_prep(model, scale, mean, std, layout), limit=limit, batch=batch_size, calibrate_bn=calibrate_bn,
-                   stats_images=stats_images, executor=ex, log=log)
+    data, cfg, kw = _eval_setup(model, opts, plots=plot_path is not None)
+    result = sweep(str(model), data, cfg, axes, **kw)
     click.echo(sweep_table(result))
-    if json_path:
-        write_report(result, json_path)
-        click.echo(f"wrote {json_path}")
+    _write_json(result, json_path)
     if plot_path is not None:
         write_sweep_plot(result, plot_path)
         click.echo(f"wrote {plot_path}")
