@@ -190,6 +190,8 @@ def write_html(report: dict, out_dir) -> None:
         cfg = {k: report.get(k) for k in ("compile_config", "chip_config", "data", "calibration", "versions", "executor")}
         parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(cfg, indent=1, sort_keys=True))}</pre>"]
         (tmp / "index.html").write_text("\n".join(parts))
+        from .io import _umask
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -36,6 +36,12 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> None:
     write_bytes_atomic(model.SerializeToString(), path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(data: bytes, path: str | Path) -> None:
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
@@ -45,6 +51,7 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, p)
     except BaseException:
         try:

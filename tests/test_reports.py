@@ -195,3 +195,11 @@ def test_preprocessing_comes_from_the_model_metadata_and_survives_compile(digits
     pim = tmp_path / "t.pim.onnx"
     assert main(["compile", str(tagged), "-o", str(pim), "-q"]) == 0
     assert "pimc.preprocess" in {p.key for p in onnx.load(pim).metadata_props}
+
+
+def test_atomic_outputs_get_the_usual_file_permissions(tmp_path):
+    import os
+    from pimc.io import _umask, write_bytes_atomic
+    write_bytes_atomic(b"x", tmp_path / "f.json")
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -89,10 +89,37 @@ void parallel(Ort::KernelContext& ctx, int64_t n, F&& f) {
 }
 
 // ------------------------------------------------------------------ conversion loops (shared)
-inline void adc_ideal(const float* __restrict in, float* __restrict out, int64_t n, float d, float z, float top) {
+// Where converted values go: Store writes them (AdcQuantize*), Accumulate adds
+// value * k into a float64 row (the fused recombination: acc += double(v) * k, as
+// the Recombine body), so the fused kernels never write a scratch buffer.
+struct Store {
+  float* __restrict out;
+  void put(int64_t i, float v) const { out[i] = v; }
+#ifdef __AVX2__
+  void put8(int64_t i, __m256 v) const { _mm256_storeu_ps(out + i, v); }
+#endif
+};
+
+struct Accumulate {
+  double* __restrict acc;
+  double k;
+  void put(int64_t i, float v) const { acc[i] += static_cast<double>(v) * k; }
+#ifdef __AVX2__
+  void put8(int64_t i, __m256 v) const {
+    const __m256d kk = _mm256_set1_pd(k);
+    __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), kk);
+    __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), kk);
+    _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), lo));
+    _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), hi));
+  }
+#endif
+};
+
+template <typename Sink>
+inline void adc_ideal(const float* __restrict in, const Sink& sink, int64_t n, float d, float z, float top) {
   for (int64_t i = 0; i < n; ++i) {
     float code = std::min(std::max(std::nearbyint(in[i] / d) + z, 0.0f), top);
-    out[i] = (code - z) * d;
+    sink.put(i, (code - z) * d);
   }
 }
 
@@ -121,8 +148,8 @@ inline float add_noise(float f, uint32_t counter, const Column& k) {
   return f + k.ss * zn;
 }
 
-template <bool Identity, bool Noisy>
-void convert(const float* __restrict in, float* __restrict out, const uint32_t* __restrict mc, int64_t n,
+template <bool Identity, bool Noisy, typename Sink>
+void convert(const float* __restrict in, const Sink& out, const uint32_t* __restrict mc, int64_t n,
              const Column& k, const float* __restrict pairs) {
   int64_t i = 0;
 #ifdef __AVX2__
@@ -164,7 +191,7 @@ void convert(const float* __restrict in, float* __restrict out, const uint32_t* 
         f = _mm256_add_ps(f, _mm256_mul_ps(ss, zn));
       }
       __m256 code = _mm256_min_ps(_mm256_max_ps(zero, _mm256_round_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), top);
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(code, z), d));
+      out.put8(i, _mm256_mul_ps(_mm256_sub_ps(code, z), d));
     }
   }
 #endif
@@ -184,11 +211,12 @@ void convert(const float* __restrict in, float* __restrict out, const uint32_t* 
     }
     f = add_noise<Noisy>(f, Noisy ? mc[i] : 0u, k);
     float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
-    out[i] = (code - k.z) * k.d;
+    out.put(i, (code - k.z) * k.d);
   }
 }
 
-inline void convert_any(bool identity, bool noisy, const float* in, float* out, const uint32_t* mc, int64_t n,
+template <typename Sink>
+inline void convert_any(bool identity, bool noisy, const float* in, const Sink& out, const uint32_t* mc, int64_t n,
                         const Column& k, const float* pairs) {
   if (identity) {
     if (noisy) convert<true, true>(in, out, mc, n, k, pairs);
@@ -215,8 +243,9 @@ struct Ideal {
     top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
   }
 
-  // convert row r, column c into out (sh.inner values)
-  void run(int64_t r, int64_t c, float* out) const {
+  // convert row r, column c (sh.inner values) into ``out`` (a Store or Accumulate)
+  template <typename Sink>
+  void run(int64_t r, int64_t c, const Sink& out) const {
     adc_ideal(sp + (r * sh.cols + c) * sh.inner, out, sh.inner, sc.at(c), zp.at(c), top);
   }
 };
@@ -288,7 +317,8 @@ struct NonIdeal {
   }
 
   // convert row r, column c into out (sh.inner values)
-  void run(int64_t r, int64_t c, float* out) const {
+  template <typename Sink>
+  void run(int64_t r, int64_t c, const Sink& out) const {
     Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, key[r]};
     const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner : nullptr;
     convert_any(identity, noisy, sp + (r * sh.cols + c) * sh.inner, out, mc, sh.inner, col, pairs.data());
@@ -296,24 +326,22 @@ struct NonIdeal {
 };
 
 // Recombination of one (image, group, out channel): planes, tiles, slices in a fixed
-// order, float64 accumulation; ``convert(row, col, tmp)`` produces one column's values.
+// order, float64 accumulation; ``add(row, col, Accumulate{acc, k})`` adds one
+// column's (converted) values times k into acc.
 struct RecombineDims {
   int64_t P, G, T, S;
 };
 
-template <typename Convert>
-void recombine_task(int64_t task, const RecombineDims& d, int64_t B, int64_t cols, int64_t coutg, int64_t inner,
-                    const float* coef, float* y, std::vector<double>& acc, std::vector<float>& tmp, Convert&& conv) {
+template <typename Add>
+void recombine_task(int64_t task, const RecombineDims& d, int64_t B, int64_t coutg, int64_t inner, const float* coef,
+                    float* y, std::vector<double>& acc, Add&& add) {
   const int64_t b = task / (d.G * coutg), go = task % (d.G * coutg), g = go / coutg, o = go % coutg;
   acc.assign(inner, 0.0);
-  tmp.resize(inner);
   for (int64_t p = 0; p < d.P; ++p)
     for (int64_t t = 0; t < d.T; ++t)
       for (int64_t s = 0; s < d.S; ++s) {
-        const double k = coef[p * d.S + s];
         const int64_t col = ((g * d.T + t) * d.S + s) * coutg + o;
-        const float* in = conv(p * B + b, col, tmp.data());
-        for (int64_t i = 0; i < inner; ++i) acc[i] += static_cast<double>(in[i]) * k;
+        add(p * B + b, col, Accumulate{acc.data(), static_cast<double>(coef[p * d.S + s])});
       }
   float* out = y + (b * d.G * coutg + go) * inner;
   for (int64_t i = 0; i < inner; ++i) out[i] = static_cast<float>(acc[i]);
@@ -401,7 +429,7 @@ struct AdcKernel {
     auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
     float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
     parallel(ctx, adc.sh.rows * adc.sh.cols, [&](int64_t rc) {
-      adc.run(rc / adc.sh.cols, rc % adc.sh.cols, y + rc * adc.sh.inner);
+      adc.run(rc / adc.sh.cols, rc % adc.sh.cols, Store{y + rc * adc.sh.inner});
     });
   }
 };
@@ -427,7 +455,7 @@ struct AdcNonIdealKernel : NonIdealAttrs {
     auto shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
     float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
     parallel(ctx, ni.sh.rows * ni.sh.cols, [&](int64_t rc) {
-      ni.run(rc / ni.sh.cols, rc % ni.sh.cols, y + rc * ni.sh.inner);
+      ni.run(rc / ni.sh.cols, rc % ni.sh.cols, Store{y + rc * ni.sh.inner});
     });
   }
 };
@@ -447,16 +475,17 @@ struct RecombineKernel {
     float* y = recombine_output(ctx, shape, d, "Recombine", B, coutg);
     parallel(ctx, B * d.G * coutg, [&](int64_t task) {
       thread_local std::vector<double> acc;
-      thread_local std::vector<float> tmp;
-      recombine_task(task, d, B, sh.cols, coutg, sh.inner, coef, y, acc, tmp,
-                     [&](int64_t row, int64_t col, float*) { return ap + (row * sh.cols + col) * sh.inner; });
+      recombine_task(task, d, B, coutg, sh.inner, coef, y, acc, [&](int64_t row, int64_t col, const Accumulate& a) {
+        const float* in = ap + (row * sh.cols + col) * sh.inner;
+        for (int64_t i = 0; i < sh.inner; ++i) a.put(i, in[i]);
+      });
     });
   }
 };
 
 // ------------------------------------------------------------------ AdcRecombine (fused)
 // Recombine(convert(s)): ``Conversion`` (Ideal or NonIdeal) converts one column of
-// one row into a scratch buffer, which is accumulated at once; s is read once.
+// one row straight into the float64 accumulator; s is read once.
 template <typename Conversion>
 void convert_and_recombine(Ort::KernelContext& ctx, const Conversion& conv, const RecombineDims& d, size_t coef_input,
                            const char* op) {
@@ -466,12 +495,8 @@ void convert_and_recombine(Ort::KernelContext& ctx, const Conversion& conv, cons
   float* y = recombine_output(ctx, shape, d, op, B, coutg);
   parallel(ctx, B * d.G * coutg, [&](int64_t task) {
     thread_local std::vector<double> acc;
-    thread_local std::vector<float> tmp;
-    recombine_task(task, d, B, conv.sh.cols, coutg, conv.sh.inner, coef, y, acc, tmp,
-                   [&](int64_t row, int64_t col, float* out) {
-                     conv.run(row, col, out);
-                     return static_cast<const float*>(out);
-                   });
+    recombine_task(task, d, B, coutg, conv.sh.inner, coef, y, acc,
+                   [&](int64_t row, int64_t col, const Accumulate& a) { conv.run(row, col, a); });
   });
 }
 
