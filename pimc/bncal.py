@@ -54,7 +54,7 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return out
 
 
-def _input_name(model: onnx.ModelProto) -> str:
+def input_name(model: onnx.ModelProto) -> str:
     inits = {t.name for t in model.graph.initializer}
     return next(i.name for i in model.graph.input if i.name not in inits)
 
@@ -65,7 +65,7 @@ def channel_stats(model: onnx.ModelProto, chip, tensor: str, x: np.ndarray, batc
     (float64 sums), on chip ``chip``; ``transform`` maps each batch's values first."""
     from pimc.runtime.session import open_session
     sess = open_session(with_outputs(model, [tensor]), chip)
-    name = _input_name(model)
+    name = input_name(model)
     s1 = s2 = None
     count = 0
     for i in range(0, len(x), batch):

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .errors import PimcError
-from .evaluate import LABELS
+from .evaluate import LABELS, top1_of
 
 
 def load_report(path) -> dict:
@@ -20,12 +20,6 @@ def load_report(path) -> dict:
         raise PimcError(f"report '{p}': no 'results' table; give `pimc eval --json` outputs")
     return r
 
-
-def _top1(r: dict) -> float | None:
-    if r is None:
-        return None
-    t = r["top1"]
-    return t["mean"] if isinstance(t, dict) else t
 
 
 def _config_line(r: dict) -> str:
@@ -44,7 +38,7 @@ def compare_reports(reports: list[dict], names: list[str]) -> str:
     head += "".join(f" {'delta ' + str(i + 1):>10}" for i in range(1, len(reports)))
     lines = [head]
     for label in labels:
-        vals = [_top1(r["results"].get(label)) for r in reports]
+        vals = [top1_of(r["results"].get(label)) for r in reports]
         row = f"{LABELS.get(label, label):<32}" + "".join(
             f" {'-' if v is None else f'{100 * v:.2f}':>{width}}" for v in vals)
         for v in vals[1:]:

@@ -105,11 +105,9 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
     ``calibrate_bn``, the same chips after BN calibration.  ``cache`` (a dict)
     shares compiled baselines and their results between calls (``pimc sweep``);
     ``loaded`` is ``load_eval_data``'s result when the caller has it already."""
-    import onnx
     from .executor import LocalExecutor
-    from .layerstats import layer_stats
     from .pipeline import compile_model
-    from pimc.runtime.chip import ChipConfig, build_chip_config, instantiate
+    from pimc.runtime.chip import ChipConfig, build_chip_config
 
     prep = prep or {}
     if calibrate_bn and (not config.pim or chips < 1):
@@ -135,7 +133,7 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
                                              calib_data=cfg.calib_data)}
         if cfg.pim:
             variants["ideal_pim"] = cfg
-        models, jobs, cached = {}, [], {}
+        models, blobs, jobs, cached = {}, {}, [], {}
         for label, c in variants.items():
             key = (label, json.dumps({**c.to_dict(), "calib_data": None}, sort_keys=True), data_rec["sha256_x"],
                    calib_rec["indices_sha256"], model)
@@ -146,8 +144,9 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
             res = compile_model(model, c)
             report["timing_s"][f"compile {label}"] = time.perf_counter() - t0
             models[label] = res.model
-            jobs.append((label, res.model.SerializeToString(), None, key))
-        pim_bytes = models["ideal_pim"].SerializeToString() if cfg.pim else None
+            blobs[label] = res.model.SerializeToString()
+            jobs.append((label, blobs[label], None, key))
+        pim_bytes = (blobs.get("ideal_pim") or models["ideal_pim"].SerializeToString()) if cfg.pim else None
         jobs += [(f"chip {c.chip_seed}", pim_bytes, c, None) for c in chip_list]
         calibrated = []
         if calibrate_bn:
@@ -179,17 +178,18 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
                                                   zip(chip_list, calibrated)]}
         if cfg.pim and stats_images > 0:
             t0 = time.perf_counter()
-            report["layers"] = _layer_report(models, chip_list, calibrated, x[:stats_images], layer_stats,
-                                             instantiate, onnx)
+            report["layers"] = _layer_report(models, chip_list, calibrated, x[:stats_images])
             report["stats_images"] = int(min(stats_images, len(x)))
             report["timing_s"]["layer statistics"] = time.perf_counter() - t0
     return report
 
 
-def _layer_report(models, chip_list, calibrated, xs, layer_stats, instantiate, onnx) -> list[dict]:
+def _layer_report(models, chip_list, calibrated, xs) -> list[dict]:
     """Per-layer SQNR / clipping / code histograms of ideal PIM, the first chip and
     (if any) the first chip after BN calibration, merged per layer."""
-    from pimc.runtime.chip import read_mapping
+    import onnx
+    from .layerstats import layer_stats
+    from pimc.runtime.chip import instantiate, read_mapping
     pim = models["ideal_pim"]
     mapping = read_mapping(pim)
     variants = {"ideal_pim": pim}
@@ -207,6 +207,14 @@ def _layer_report(models, chip_list, calibrated, xs, layer_stats, instantiate, o
                     row[k] = r[k]
             row[label] = {k: r[k] for k in ("sqnr_db", "exact", "clip_rate", "code_hist") if k in r}
     return list(rows.values())
+
+
+def top1_of(result: dict | None) -> float | None:
+    """Top-1 of one report result row: the value, or the mean over chips; None when absent."""
+    if result is None:
+        return None
+    t = result["top1"]
+    return t["mean"] if isinstance(t, dict) else t
 
 
 LABELS = {"float": "float", "digital": "digital quantized", "ideal_pim": "ideal PIM",

@@ -77,9 +77,6 @@ class LocalExecutor:
     def calibrate(self, model: bytes, chips: list, xc: np.ndarray, batch: int) -> list[tuple[bytes, dict]]:
         return [_bn_calibrate(model, c, xc, batch) for c in chips]
 
-    def close(self):
-        pass
-
 
 class RayExecutor:
     name = "ray"
@@ -126,9 +123,6 @@ class RayExecutor:
     def calibrate(self, model: bytes, chips: list, xc: np.ndarray, batch: int) -> list[tuple[bytes, dict]]:
         ref, xr = self.ray.put(model), self.ray.put(xc)
         return self.ray.get([self._cal.remote(ref, c, xr, batch) for c in chips])
-
-    def close(self):
-        pass
 
 
 def make_executor(kind: str, *, threads: int = 0, ray_address: str | None = None, shards: int = 0,

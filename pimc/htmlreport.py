@@ -34,10 +34,6 @@ def _plt():
     return plt
 
 
-def _top1(r):
-    return r["top1"]["mean"] if isinstance(r["top1"], dict) else r["top1"]
-
-
 def plot_chips(report: dict, path: Path) -> None:
     plt = _plt()
     res = report["results"]

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .bncal import _input_name, with_outputs
+from .bncal import input_name, with_outputs
 
 ADC_NODE_TYPES = {"AdcQuantize", "AdcRecombine", "AdcQuantizeNonIdeal", "AdcRecombineNonIdeal"}
 
@@ -66,7 +66,7 @@ def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x
     s_names = [a["s"] for L in layers for a in adcs.get(L["name"], [])]
     d_sess = open_session(with_outputs(digital, outs))
     p_sess = open_session(with_outputs(pim, outs + s_names))
-    name = _input_name(pim)
+    name = input_name(pim)
     acc = {L["name"]: {"sig": 0.0, "err": 0.0, "clip": 0, "conv": 0,
                        "hist": None} for L in layers}
     for i in range(0, len(x), batch):

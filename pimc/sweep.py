@@ -10,7 +10,7 @@ import itertools
 
 from .config import SCHEMES, CompileConfig
 from .errors import PimcError
-from .evaluate import _versions, evaluate, load_eval_data
+from .evaluate import _versions, evaluate, load_eval_data, top1_of
 
 PIM_SCHEMES = [s for s in SCHEMES if s not in ("float", "digital")]
 
@@ -61,11 +61,6 @@ def sweep(model: str, data: str, base: CompileConfig, axes: dict[str, list], *, 
             "calibration": loaded[4], "points": points}
 
 
-def _top1(r):
-    if r is None:
-        return None
-    return r["top1"]["mean"] if isinstance(r["top1"], dict) else r["top1"]
-
 
 def sweep_table(result: dict) -> str:
     keys = list(result["axes"])
@@ -73,7 +68,7 @@ def sweep_table(result: dict) -> str:
     present = [c for c in cols if any(c in p["results"] for p in result["points"])]
     lines = ["  ".join(f"{k:>14}" for k in keys) + "  " + "  ".join(f"{c[:24]:>24}" for c in present)]
     for p in result["points"]:
-        vals = [_top1(p["results"].get(c)) for c in present]
+        vals = [top1_of(p["results"].get(c)) for c in present]
         lines.append("  ".join(f"{str(p['axes'][k]):>14}" for k in keys) + "  " +
                      "  ".join(f"{'-' if v is None else f'{100 * v:.2f}':>24}" for v in vals))
     lines.append(f"top-1 % on {result['data']['images']} images of {result['data']['path']} "
