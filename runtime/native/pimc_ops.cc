@@ -129,13 +129,22 @@ struct Column {
 };
 
 // One column's non-ideal conversions, one instantiation per (linear curve?, noise?).
-// The AVX2 loop does eight values at a time; with a transfer curve it reads each
-// value's segment (start, slope) as one 64-bit load from ``pairs`` = {lut[k],
-// lut[k+1] - lut[k]} (eight scalar loads beat AVX2 gathers on the CPUs measured).
 // Its float operations and their order are the function body's (the byte sum of
 // the noise is taken in integers: it is at most 1020, exact in float either way),
-// so results are bit identical to it.  The scalar loop finishes the tail, and is
-// the whole loop without AVX2.
+// so results are bit identical to it.  The AVX2 loops do eight values at a time;
+// the scalar loop finishes the tail, and is the whole loop without AVX2.
+//
+// With a transfer curve, each value reads its segment (start, slope) from ``pairs``
+// = {lut[k], lut[k+1] - lut[k]} as one 64-bit load (eight scalar loads beat AVX2
+// gathers on the CPUs measured).  One loop doing everything is bound by the length
+// of its dependency chain (load, divide, clamp, segment index, loads, interpolate,
+// noise, round, accumulate: the reorder buffer holds only a few iterations, too few
+// to hide the loads of s), so the values go in blocks of kBlock through two loops:
+// the first computes the curve's input (segment index, fraction, the residue
+// outside the range; or the value itself without a curve) and the noise into small
+// stack buffers, the second reads them back, looks up and finishes.  On one
+// ResNet-20 AdcRecombine node (one core, Zen 3) that took a conversion from 1.02
+// to 0.93 ns with noise and from 1.79 to 1.34 ns with a curve too (ideal: 0.59 ns).
 
 template <bool Noisy>
 inline float add_noise(float f, uint32_t counter, const Column& k) {
@@ -148,51 +157,84 @@ inline float add_noise(float f, uint32_t counter, const Column& k) {
   return f + k.ss * zn;
 }
 
+constexpr int64_t kBlock = 128;
+
+#ifdef __AVX2__
+// A column's constants broadcast to eight lanes, and the steps of a conversion.
+struct Lanes {
+  __m256 d, g, o, z, zero, top, two, c256, ss;
+  __m256i last, izero, key, m1, m2, ones8, ones16;
+
+  explicit Lanes(const Column& k)
+      : d(_mm256_set1_ps(k.d)), g(_mm256_set1_ps(k.g)), o(_mm256_set1_ps(k.o)), z(_mm256_set1_ps(k.z)),
+        zero(_mm256_setzero_ps()), top(_mm256_set1_ps(k.top)), two(_mm256_set1_ps(2.0f)), c256(_mm256_set1_ps(256.0f)),
+        ss(_mm256_set1_ps(k.ss)), last(_mm256_set1_epi32(static_cast<int32_t>(k.top) - 1)), izero(_mm256_setzero_si256()),
+        key(_mm256_set1_epi32(static_cast<int32_t>(k.key))), m1(_mm256_set1_epi32(static_cast<int32_t>(2146121005u))),
+        m2(_mm256_set1_epi32(static_cast<int32_t>(2221713035u))), ones8(_mm256_set1_epi8(1)), ones16(_mm256_set1_epi16(1)) {}
+
+  // w = (g * (s / d) + o) + z, the gained value in LSB units before the curve
+  __m256 gained(const float* in) const {
+    return _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, _mm256_div_ps(_mm256_loadu_ps(in), d)), o), z);
+  }
+  __m256 clamp(__m256 w) const { return _mm256_min_ps(_mm256_max_ps(zero, w), top); }
+  // ss * zn of mix2(counter + key): the four bytes' sum (<= 1020) is exact in float,
+  // so an integer sum gives the same value
+  __m256 noise(const uint32_t* mc) const {
+    __m256i h = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mc)), key);
+    h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, m1);
+    h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 15));
+    h = _mm256_mullo_epi32(h, m2);
+    h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 16));
+    __m256 fs = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(h, ones8), ones16));
+    return _mm256_mul_ps(ss, _mm256_sub_ps(_mm256_div_ps(_mm256_add_ps(fs, two), c256), two));
+  }
+  // (clip(round(f), 0, top) - z) * d
+  __m256 output(__m256 f) const {
+    __m256 code = _mm256_min_ps(_mm256_max_ps(zero, _mm256_round_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), top);
+    return _mm256_mul_ps(_mm256_sub_ps(code, z), d);
+  }
+};
+#endif
+
 template <bool Identity, bool Noisy, typename Sink>
 void convert(const float* __restrict in, const Sink& out, const uint32_t* __restrict mc, int64_t n,
              const Column& k, const float* __restrict pairs) {
   int64_t i = 0;
 #ifdef __AVX2__
-  {
-    const __m256 d = _mm256_set1_ps(k.d), g = _mm256_set1_ps(k.g), o = _mm256_set1_ps(k.o), z = _mm256_set1_ps(k.z);
-    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(k.top);
-    const __m256i last = _mm256_set1_epi32(static_cast<int32_t>(k.top) - 1), izero = _mm256_setzero_si256();
-    const __m256i key = _mm256_set1_epi32(static_cast<int32_t>(k.key)), m1 = _mm256_set1_epi32(static_cast<int32_t>(2146121005u)),
-                  m2 = _mm256_set1_epi32(static_cast<int32_t>(2221713035u)), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    const __m256 two = _mm256_set1_ps(2.0f), c256 = _mm256_set1_ps(256.0f), ss = _mm256_set1_ps(k.ss);
-    for (; i + 8 <= n; i += 8) {
-      __m256 rr = _mm256_div_ps(_mm256_loadu_ps(in + i), d);
-      __m256 w = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, rr), o), z);
-      __m256 wc = _mm256_min_ps(_mm256_max_ps(zero, w), top);
-      __m256 f;
-      if (Identity) {
-        f = _mm256_add_ps(wc, _mm256_sub_ps(w, wc));
+  const Lanes v(k);
+  alignas(32) int32_t seg[kBlock];
+  alignas(32) float frac[kBlock], resid[kBlock], nz[kBlock];  // Identity: frac holds the curve's output
+  const double* pd = reinterpret_cast<const double*>(pairs);
+  while (i + 8 <= n) {
+    const int64_t m = std::min(kBlock, (n - i) & ~int64_t{7});
+    for (int64_t j = 0; j < m; j += 8) {
+      __m256 w = v.gained(in + i + j), wc = v.clamp(w);
+      if constexpr (Identity) {
+        _mm256_store_ps(frac + j, _mm256_add_ps(wc, _mm256_sub_ps(w, wc)));
       } else {
-        __m256i k0 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(wc), last), izero);
-        __m256 frac = _mm256_sub_ps(wc, _mm256_cvtepi32_ps(k0));
-        alignas(32) int32_t ix[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ix), k0);
-        const double* pd = reinterpret_cast<const double*>(pairs);
-        __m256 g0 = _mm256_castpd_ps(_mm256_set_pd(pd[ix[5]], pd[ix[4]], pd[ix[1]], pd[ix[0]]));
-        __m256 g1 = _mm256_castpd_ps(_mm256_set_pd(pd[ix[7]], pd[ix[6]], pd[ix[3]], pd[ix[2]]));
-        __m256 lo = _mm256_shuffle_ps(g0, g1, _MM_SHUFFLE(2, 0, 2, 0)), dl = _mm256_shuffle_ps(g0, g1, _MM_SHUFFLE(3, 1, 3, 1));
-        f = _mm256_add_ps(_mm256_add_ps(lo, _mm256_mul_ps(frac, dl)), _mm256_sub_ps(w, wc));
+        __m256i k0 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(wc), v.last), v.izero);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(seg + j), k0);
+        _mm256_store_ps(frac + j, _mm256_sub_ps(wc, _mm256_cvtepi32_ps(k0)));
+        _mm256_store_ps(resid + j, _mm256_sub_ps(w, wc));
       }
-      if (Noisy) {
-        __m256i h = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mc + i)), key);
-        h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 16));
-        h = _mm256_mullo_epi32(h, m1);
-        h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 15));
-        h = _mm256_mullo_epi32(h, m2);
-        h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 16));
-        // the four bytes' sum (<= 1020) is exact in float, so an integer sum gives the same value
-        __m256 fs = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(h, ones8), ones16));
-        __m256 zn = _mm256_sub_ps(_mm256_div_ps(_mm256_add_ps(fs, two), c256), two);
-        f = _mm256_add_ps(f, _mm256_mul_ps(ss, zn));
-      }
-      __m256 code = _mm256_min_ps(_mm256_max_ps(zero, _mm256_round_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), top);
-      out.put8(i, _mm256_mul_ps(_mm256_sub_ps(code, z), d));
+      if (Noisy) _mm256_store_ps(nz + j, v.noise(mc + i + j));
     }
+    for (int64_t j = 0; j < m; j += 8) {
+      __m256 f;
+      if constexpr (Identity) {
+        f = _mm256_load_ps(frac + j);
+      } else {
+        const int32_t* q = seg + j;
+        __m256 g0 = _mm256_castpd_ps(_mm256_set_pd(pd[q[5]], pd[q[4]], pd[q[1]], pd[q[0]]));
+        __m256 g1 = _mm256_castpd_ps(_mm256_set_pd(pd[q[7]], pd[q[6]], pd[q[3]], pd[q[2]]));
+        __m256 lo = _mm256_shuffle_ps(g0, g1, _MM_SHUFFLE(2, 0, 2, 0)), dl = _mm256_shuffle_ps(g0, g1, _MM_SHUFFLE(3, 1, 3, 1));
+        f = _mm256_add_ps(_mm256_add_ps(lo, _mm256_mul_ps(_mm256_load_ps(frac + j), dl)), _mm256_load_ps(resid + j));
+      }
+      if (Noisy) f = _mm256_add_ps(f, _mm256_load_ps(nz + j));
+      out.put8(i + j, v.output(f));
+    }
+    i += m;
   }
 #endif
   for (; i < n; ++i) {
@@ -206,8 +248,8 @@ void convert(const float* __restrict in, const Sink& out, const uint32_t* __rest
       f = wc + (w - wc);
     } else {
       int32_t k0 = std::max(std::min(static_cast<int32_t>(wc), static_cast<int32_t>(k.top) - 1), 0);
-      float frac = wc - static_cast<float>(k0);
-      f = (pairs[2 * k0] + frac * pairs[2 * k0 + 1]) + (w - wc);
+      float fr = wc - static_cast<float>(k0);
+      f = (pairs[2 * k0] + fr * pairs[2 * k0 + 1]) + (w - wc);
     }
     f = add_noise<Noisy>(f, Noisy ? mc[i] : 0u, k);
     float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
