@@ -18,6 +18,9 @@ cells, 128-row arrays and a 6-bit ideal ADC (activation scales calibrated on
 * peak resident memory at batch 256 of each scheme (each in a fresh process),
   the native N=9 scheme included.
 
+Sessions compared with each other run interleaved, batch by batch, so that the
+drift of a shared machine falls on both sides of a ratio alike.
+
 Targets: compiled/float time <= 1.5 x the MAC expansion factor; non-ideal
 <= 1.3 x ideal time; peak memory < 2 GiB at batch 256 for every scheme.
 """
@@ -57,13 +60,20 @@ MEMORY_SCHEMES = {
 }
 
 
-def rate(sess, x, batch, n):
-    name = sess.get_inputs()[0].name
-    sess.run(None, {name: x[:batch]})      # warm-up
-    t0 = time.perf_counter()
+def rates(sessions: dict, x, batch, n) -> dict:
+    """images/s of each session on the first n images, measured interleaved batch by batch
+    (every session runs batch i before any runs batch i+1), so that the drift of a shared
+    machine falls on all of them alike."""
+    name = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    spent = dict.fromkeys(sessions, 0.0)
+    for k, s in sessions.items():
+        s.run(None, {name[k]: x[:batch]})      # warm-up
     for i in range(0, n, batch):
-        sess.run(None, {name: x[i:min(i + batch, n)]})
-    return n / (time.perf_counter() - t0)
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {name[k]: x[i:min(i + batch, n)]})
+            spent[k] += time.perf_counter() - t0
+    return {k: n / t for k, t in spent.items()}
 
 
 def mac_expansion(mapping: dict) -> float:
@@ -139,12 +149,14 @@ def main():
         s_noisy = open_session(res.model, chip, native=True)
         s_inl = open_session(res.model, build_chip_config(preset="pimqat-chip7", noise_sigma=0.5, inl=0.8, chip_seed=1))
         n, b = len(x), a.batch
-        r_float = rate(s_float, x, b, n)
-        r_nat = rate(s_nat, x, b, n)
+        r = rates({"float": s_float, "native": s_nat}, x, b, n)
+        r_float, r_nat = r["float"], r["native"]
         nb = min(a.body_images, n)
-        r_nat_small, r_body = rate(s_nat, x, b, nb), rate(s_body, x, b, nb)
+        r = rates({"native": s_nat, "body": s_body}, x, b, nb)
+        r_nat_small, r_body = r["native"], r["body"]
         nn = min(a.nonideal_images, n)
-        r_ideal_n, r_noisy, r_inl = rate(s_nat, x, b, nn), rate(s_noisy, x, b, nn), rate(s_inl, x, b, nn)
+        r = rates({"ideal": s_nat, "noisy": s_noisy, "inl": s_inl}, x, b, nn)
+        r_ideal_n, r_noisy, r_inl = r["ideal"], r["noisy"], r["inl"]
         acc = float((s_nat.run(None, {"input": x[:1000]})[0].argmax(1) == y[:1000]).mean())
         peak_here = peak_rss_mib()
         mem = {}

@@ -263,6 +263,18 @@ def test_missing_headers_fall_back_to_function_bodies_once(tmp_path, compiled):
        st.integers(2, 7), st.integers(0, 2 ** 16), st.sampled_from([(3, 2), (17, 19)]))
 def test_fused_adc_recombine_three_ways(P, G, T, S, cout_g, B, bits, seed, hw):
     # (17, 19): 323 values per column, more than one block of the native kernels' curve lookup
+    check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw)
+
+
+@needs_native
+@pytest.mark.parametrize("B,cout_g", [(40, 3), (70, 5), (1, 5)])
+def test_fused_adc_recombine_task_splits(B, cout_g):
+    # the native kernels cut a group's out channels into runs only for small batches
+    # (at least 64 tasks): 40 images x 3 channels -> runs of 1 and 2 channels; 70 -> one run; 1 -> one per channel
+    check_fused_adc_recombine(2, 1, 2, 2, cout_g, B, 5, 7, (3, 4))
+
+
+def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw):
     rng = np.random.default_rng(seed)
     cols = G * T * S * cout_g
     s = np.round(rng.standard_normal((P * B, cols, *hw)) * 30).astype(np.float32)

@@ -198,8 +198,9 @@ struct Lanes {
 #endif
 
 template <bool Identity, bool Noisy, typename Sink>
-void convert(const float* __restrict in, const Sink& out, const uint32_t* __restrict mc, int64_t n,
+void convert(const float* __restrict in, const Sink& sink, const uint32_t* __restrict mc, int64_t n,
              const Column& k, const float* __restrict pairs) {
+  const Sink out = sink;  // a local copy: the compiler need not reload its fields after each store
   int64_t i = 0;
 #ifdef __AVX2__
   const Lanes v(k);
@@ -367,26 +368,39 @@ struct NonIdeal {
   }
 };
 
-// Recombination of one (image, group, out channel): planes, tiles, slices in a fixed
-// order, float64 accumulation; ``add(row, col, Accumulate{acc, k})`` adds one
-// column's (converted) values times k into acc.
+// Recombination: y[b, g*coutg + o] = sum over planes, tiles, slices (in that fixed
+// order, float64) of k * column((p, b), (g, t, s, o)).  One task takes an image, a
+// group and a run of out channels, and reads each (plane, tile, slice) block of
+// its columns in memory order (o innermost), so s streams through the caches
+// instead of jumping a whole block between 4 KiB columns; the accumulators
+// (channels x inner doubles) stay in L2.  ``add(row, col, Accumulate{acc, k})``
+// adds one column's (converted) values times k into acc.  Runs of channels are cut
+// only to give small batches kMinTasks tasks.
 struct RecombineDims {
   int64_t P, G, T, S;
 };
 
+constexpr int64_t kMinTasks = 64;
+
 template <typename Add>
-void recombine_task(int64_t task, const RecombineDims& d, int64_t B, int64_t coutg, int64_t inner, const float* coef,
-                    float* y, std::vector<double>& acc, Add&& add) {
-  const int64_t b = task / (d.G * coutg), go = task % (d.G * coutg), g = go / coutg, o = go % coutg;
-  acc.assign(inner, 0.0);
-  for (int64_t p = 0; p < d.P; ++p)
-    for (int64_t t = 0; t < d.T; ++t)
-      for (int64_t s = 0; s < d.S; ++s) {
-        const int64_t col = ((g * d.T + t) * d.S + s) * coutg + o;
-        add(p * B + b, col, Accumulate{acc.data(), static_cast<double>(coef[p * d.S + s])});
-      }
-  float* out = y + (b * d.G * coutg + go) * inner;
-  for (int64_t i = 0; i < inner; ++i) out[i] = static_cast<float>(acc[i]);
+void recombine(Ort::KernelContext& ctx, const RecombineDims& d, int64_t B, int64_t coutg, int64_t inner,
+               const float* coef, float* y, Add&& add) {
+  const int64_t runs = std::min(coutg, std::max<int64_t>(1, (kMinTasks + B * d.G - 1) / (B * d.G)));
+  parallel(ctx, B * d.G * runs, [&](int64_t task) {
+    thread_local std::vector<double> acc;
+    const int64_t bg = task / runs, run = task % runs, b = bg / d.G, g = bg % d.G;
+    const int64_t o0 = run * coutg / runs, o1 = (run + 1) * coutg / runs;
+    acc.assign((o1 - o0) * inner, 0.0);
+    for (int64_t p = 0; p < d.P; ++p)
+      for (int64_t t = 0; t < d.T; ++t)
+        for (int64_t s = 0; s < d.S; ++s) {
+          const double k = static_cast<double>(coef[p * d.S + s]);
+          const int64_t col0 = ((g * d.T + t) * d.S + s) * coutg;
+          for (int64_t o = o0; o < o1; ++o) add(p * B + b, col0 + o, Accumulate{acc.data() + (o - o0) * inner, k});
+        }
+    float* out = y + ((b * d.G + g) * coutg + o0) * inner;
+    for (int64_t i = 0; i < (o1 - o0) * inner; ++i) out[i] = static_cast<float>(acc[i]);
+  });
 }
 
 RecombineDims recombine_dims(const OrtKernelInfo* info) {
@@ -515,12 +529,9 @@ struct RecombineKernel {
     const float* coef = ctx.GetInput(1).GetTensorData<float>();
     int64_t B, coutg;
     float* y = recombine_output(ctx, shape, d, "Recombine", B, coutg);
-    parallel(ctx, B * d.G * coutg, [&](int64_t task) {
-      thread_local std::vector<double> acc;
-      recombine_task(task, d, B, coutg, sh.inner, coef, y, acc, [&](int64_t row, int64_t col, const Accumulate& a) {
-        const float* in = ap + (row * sh.cols + col) * sh.inner;
-        for (int64_t i = 0; i < sh.inner; ++i) a.put(i, in[i]);
-      });
+    recombine(ctx, d, B, coutg, sh.inner, coef, y, [&](int64_t row, int64_t col, const Accumulate& a) {
+      const float* in = ap + (row * sh.cols + col) * sh.inner;
+      for (int64_t i = 0; i < sh.inner; ++i) a.put(i, in[i]);
     });
   }
 };
@@ -535,11 +546,8 @@ void convert_and_recombine(Ort::KernelContext& ctx, const Conversion& conv, cons
   const float* coef = ctx.GetInput(coef_input).GetTensorData<float>();
   int64_t B, coutg;
   float* y = recombine_output(ctx, shape, d, op, B, coutg);
-  parallel(ctx, B * d.G * coutg, [&](int64_t task) {
-    thread_local std::vector<double> acc;
-    recombine_task(task, d, B, coutg, conv.sh.inner, coef, y, acc,
-                   [&](int64_t row, int64_t col, const Accumulate& a) { conv.run(row, col, a); });
-  });
+  recombine(ctx, d, B, coutg, conv.sh.inner, coef, y,
+            [&](int64_t row, int64_t col, const Accumulate& a) { conv.run(row, col, a); });
 }
 
 struct AdcRecombineKernel {
