@@ -267,11 +267,14 @@ def test_fused_adc_recombine_three_ways(P, G, T, S, cout_g, B, bits, seed, hw):
 
 
 @needs_native
-@pytest.mark.parametrize("B,cout_g", [(40, 3), (70, 5), (1, 5)])
-def test_fused_adc_recombine_task_splits(B, cout_g):
-    # the native kernels cut a group's out channels into runs only for small batches
-    # (at least 64 tasks): 40 images x 3 channels -> runs of 1 and 2 channels; 70 -> one run; 1 -> one per channel
-    check_fused_adc_recombine(2, 1, 2, 2, cout_g, B, 5, 7, (3, 4))
+@pytest.mark.parametrize("P,T,S,cout_g,B,hw", [(2, 2, 2, 3, 40, (3, 4)), (2, 2, 2, 5, 70, (3, 4)),
+                                              (2, 2, 2, 5, 1, (3, 4)), (1, 1, 1, 20, 64, (40, 41))])
+def test_fused_adc_recombine_task_splits(P, T, S, cout_g, B, hw):
+    # the native kernels cut a group's out channels into runs for small batches (at least
+    # 64 tasks) and to keep a task's float64 accumulators within 256 KiB: 40 images x 3
+    # channels -> runs of 1 and 2 channels; 70 -> one run; 1 image -> one run per channel;
+    # 20 channels x 1640 values (256.25 KiB of accumulators) -> two runs of 10
+    check_fused_adc_recombine(P, 1, T, S, cout_g, B, 5, 7, hw)
 
 
 def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw):

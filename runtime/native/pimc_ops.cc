@@ -373,19 +373,23 @@ struct NonIdeal {
 // group and a run of out channels, and reads each (plane, tile, slice) block of
 // its columns in memory order (o innermost), so s streams through the caches
 // instead of jumping a whole block between 4 KiB columns; the accumulators
-// (channels x inner doubles) stay in L2.  ``add(row, col, Accumulate{acc, k})``
-// adds one column's (converted) values times k into acc.  Runs of channels are cut
-// only to give small batches kMinTasks tasks.
+// (channels x inner doubles, at most kAccBytes) stay in L2.  ``add(row, col,
+// Accumulate{acc, k})`` adds one column's (converted) values times k into acc.
+// A group's channels are cut into runs to keep the accumulators within kAccBytes
+// and to give small batches at least kMinTasks tasks.
 struct RecombineDims {
   int64_t P, G, T, S;
 };
 
 constexpr int64_t kMinTasks = 64;
+constexpr int64_t kAccBytes = 256 * 1024;
 
 template <typename Add>
 void recombine(Ort::KernelContext& ctx, const RecombineDims& d, int64_t B, int64_t coutg, int64_t inner,
                const float* coef, float* y, Add&& add) {
-  const int64_t runs = std::min(coutg, std::max<int64_t>(1, (kMinTasks + B * d.G - 1) / (B * d.G)));
+  const int64_t for_tasks = (kMinTasks + B * d.G - 1) / (B * d.G);
+  const int64_t for_cache = (coutg * inner * static_cast<int64_t>(sizeof(double)) + kAccBytes - 1) / kAccBytes;
+  const int64_t runs = std::min(coutg, std::max<int64_t>(1, std::max(for_tasks, for_cache)));
   parallel(ctx, B * d.G * runs, [&](int64_t task) {
     thread_local std::vector<double> acc;
     const int64_t bg = task / runs, run = task % runs, b = bg / d.G, g = bg % d.G;
