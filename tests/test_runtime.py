@@ -277,7 +277,14 @@ def test_fused_adc_recombine_task_splits(P, T, S, cout_g, B, hw):
     check_fused_adc_recombine(P, 1, T, S, cout_g, B, 5, 7, hw)
 
 
-def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw):
+@needs_native
+def test_fused_adc_recombine_tiny_noise():
+    # the native kernels scale the noise by sigma*sqrt(3)/256 in one step where that is a
+    # normal float, else as the function body does; 1e-37 LSB takes the second way
+    check_fused_adc_recombine(2, 1, 1, 2, 3, 2, 6, 11, (17, 19), sigma=1e-37)
+
+
+def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw, sigma=0.6):
     rng = np.random.default_rng(seed)
     cols = G * T * S * cout_g
     s = np.round(rng.standard_normal((P * B, cols, *hw)) * 30).astype(np.float32)
@@ -294,7 +301,7 @@ def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw):
     off = rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32)
     m = one_op_model("AdcRecombineNonIdeal", {"s": s}, {"scale": scale, "zp": zp, "gain": gain, "offset": off,
                                                         "lut": lut, "coef": coef},
-                     {"bits": bits, "noise_sigma": 0.6, "seed": seed, **rattrs})
+                     {"bits": bits, "noise_sigma": sigma, "seed": seed, **rattrs})
     body, nat = run_both(m, {"s": s})
-    ref = ops.adc_recombine_nonideal_np(s, scale, zp, gain, off, lut, coef, bits=bits, noise_sigma=0.6, seed=seed, **rattrs)
+    ref = ops.adc_recombine_nonideal_np(s, scale, zp, gain, off, lut, coef, bits=bits, noise_sigma=sigma, seed=seed, **rattrs)
     assert np.array_equal(body, ref) and np.array_equal(nat, ref)

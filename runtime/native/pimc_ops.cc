@@ -144,7 +144,8 @@ struct Column {
 // outside the range; or the value itself without a curve) and the noise into small
 // stack buffers, the second reads them back, looks up and finishes.  On one
 // ResNet-20 AdcRecombine node (one core, Zen 3) that took a conversion from 1.02
-// to 0.93 ns with noise and from 1.79 to 1.34 ns with a curve too (ideal: 0.59 ns).
+// to 0.93 ns with noise and from 1.79 to 1.34 ns with a curve too (ideal: 0.59 ns);
+// scaling the noise in one multiply (Lanes::noise) took another 4 % and 6-16 %.
 
 template <bool Noisy>
 inline float add_noise(float f, uint32_t counter, const Column& k) {
@@ -162,15 +163,21 @@ constexpr int64_t kBlock = 128;
 #ifdef __AVX2__
 // A column's constants broadcast to eight lanes, and the steps of a conversion.
 struct Lanes {
-  __m256 d, g, o, z, zero, top, two, c256, ss;
-  __m256i last, izero, key, m1, m2, ones8, ones16;
+  __m256 d, g, o, z, zero, top, two, c256, ss, ss256;
+  __m256i last, izero, key, m1, m2, ones8, ones16, c510;
+  bool folded;  // ss / 256 is exact (a normal float), so the noise can be scaled in one step
 
   explicit Lanes(const Column& k)
       : d(_mm256_set1_ps(k.d)), g(_mm256_set1_ps(k.g)), o(_mm256_set1_ps(k.o)), z(_mm256_set1_ps(k.z)),
         zero(_mm256_setzero_ps()), top(_mm256_set1_ps(k.top)), two(_mm256_set1_ps(2.0f)), c256(_mm256_set1_ps(256.0f)),
         ss(_mm256_set1_ps(k.ss)), last(_mm256_set1_epi32(static_cast<int32_t>(k.top) - 1)), izero(_mm256_setzero_si256()),
         key(_mm256_set1_epi32(static_cast<int32_t>(k.key))), m1(_mm256_set1_epi32(static_cast<int32_t>(2146121005u))),
-        m2(_mm256_set1_epi32(static_cast<int32_t>(2221713035u))), ones8(_mm256_set1_epi8(1)), ones16(_mm256_set1_epi16(1)) {}
+        m2(_mm256_set1_epi32(static_cast<int32_t>(2221713035u))), ones8(_mm256_set1_epi8(1)), ones16(_mm256_set1_epi16(1)),
+        c510(_mm256_set1_epi32(510)) {
+    const float s256 = k.ss / 256.0f;
+    folded = std::isnormal(s256) && s256 * 256.0f == k.ss;
+    ss256 = _mm256_set1_ps(s256);
+  }
 
   // w = (g * (s / d) + o) + z, the gained value in LSB units before the curve
   __m256 gained(const float* in) const {
@@ -186,8 +193,10 @@ struct Lanes {
     h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 15));
     h = _mm256_mullo_epi32(h, m2);
     h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 16));
-    __m256 fs = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(h, ones8), ones16));
-    return _mm256_mul_ps(ss, _mm256_sub_ps(_mm256_div_ps(_mm256_add_ps(fs, two), c256), two));
+    __m256i fs = _mm256_madd_epi16(_mm256_maddubs_epi16(h, ones8), ones16);
+    if (folded)  // ss * ((fs + 2) / 256 - 2) == (ss / 256) * (fs - 510): both are ss (fs - 510) / 256 rounded once
+      return _mm256_mul_ps(ss256, _mm256_cvtepi32_ps(_mm256_sub_epi32(fs, c510)));
+    return _mm256_mul_ps(ss, _mm256_sub_ps(_mm256_div_ps(_mm256_add_ps(_mm256_cvtepi32_ps(fs), two), c256), two));
   }
   // (clip(round(f), 0, top) - z) * d
   __m256 output(__m256 f) const {
