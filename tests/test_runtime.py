@@ -278,6 +278,22 @@ def test_fused_adc_recombine_task_splits(P, T, S, cout_g, B, hw):
 
 
 @needs_native
+def test_fused_adc_recombine_empty_batch():
+    # an empty batch gives an empty output (the channel-run arithmetic divides by the batch size)
+    P, S, cout, cols = 2, 2, 3, 6
+    s = np.zeros((0, cols, 3, 4), np.float32)
+    c = lambda v: np.full((1, cols, 1, 1), v, np.float32)
+    attrs = {"bits": 5, "planes": P, "groups": 1, "tiles": 1, "slices": S}
+    ideal = one_op_model("AdcRecombine", {"s": s}, {"scale": c(1), "zp": c(0), "coef": np.ones((P, S), np.float32)}, attrs)
+    lut = (np.arange(32) + 0.1 * np.sin(np.arange(32))).astype(np.float32)
+    noisy = one_op_model("AdcRecombineNonIdeal", {"s": s}, {"scale": c(1), "zp": c(0), "gain": c(1), "offset": c(0), "lut": lut,
+                                                            "coef": np.ones((P, S), np.float32)},
+                         {**attrs, "noise_sigma": 0.5, "seed": 1})
+    for m in (ideal, noisy):
+        assert open_session(m, native=True).run(None, {"s": s})[0].shape == (0, cout, 3, 4)
+
+
+@needs_native
 def test_fused_adc_recombine_tiny_noise():
     # the native kernels scale the noise by sigma*sqrt(3)/256 in one step where that is a
     # normal float, else as the function body does; 1e-37 LSB takes the second way

@@ -396,6 +396,7 @@ constexpr int64_t kAccBytes = 256 * 1024;
 template <typename Add>
 void recombine(Ort::KernelContext& ctx, const RecombineDims& d, int64_t B, int64_t coutg, int64_t inner,
                const float* coef, float* y, Add&& add) {
+  if (B * d.G * coutg * inner == 0) return;  // an empty batch (or output): nothing to do, nothing to divide by
   const int64_t for_tasks = (kMinTasks + B * d.G - 1) / (B * d.G);
   const int64_t for_cache = (coutg * inner * static_cast<int64_t>(sizeof(double)) + kAccBytes - 1) / kAccBytes;
   const int64_t runs = std::min(coutg, std::max<int64_t>(1, std::max(for_tasks, for_cache)));
