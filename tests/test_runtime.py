@@ -300,10 +300,40 @@ def test_fused_adc_recombine_tiny_noise():
     check_fused_adc_recombine(2, 1, 1, 2, 3, 2, 6, 11, (17, 19), sigma=1e-37)
 
 
-def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw, sigma=0.6):
+@needs_native
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(2, 4), st.integers(3, 7),
+       st.integers(0, 2 ** 16), st.sampled_from([(3, 8), (17, 19)]), st.sampled_from([0.6, 0.0]))
+def test_nonideal_adc_small_integral_sums(P, T, S, cout_g, bits, seed, hw, sigma):
+    # bit-serial sums of 1-bit cells are small integers: the native kernels then read the
+    # curve's output from a per-column table (two permutes for groups of eight in [0, 15],
+    # table loads for larger integers, the curve's steps for anything else): every way
+    # must give the function body's values, -0.0, 0.5, huge and negative values included
+    rng = np.random.default_rng(seed)
+    s = rng.poisson(2.0, (P * 2, T * S * cout_g, *hw)).astype(np.float32)
+    flat = s.reshape(-1)
+    odd = rng.random(flat.size) < 0.02
+    flat[odd] = rng.choice(np.array([-0.0, 0.5, 15.5, 16, 23, 37, 255, 1e6, -3, 1e-30], np.float32), odd.sum())
+    cols = s.shape[1]
+    for r, c in zip(rng.integers(0, P * 2, 4), rng.integers(0, cols, 4)):   # whole groups of integers above 15
+        s[r, c].reshape(-1)[:8] = rng.integers(16, 21, 8)
+    check_fused_adc_recombine(P, 1, T, S, cout_g, 2, bits, seed, hw, sigma=sigma, s=s)
+    # the unfused conversion (AdcQuantizeNonIdeal) takes the same path
+    c = {"scale": rng.uniform(0.5, 6, (1, cols, 1, 1)).astype(np.float32),
+         "zp": np.round(rng.uniform(0, 2 ** bits, (1, cols, 1, 1))).astype(np.float32),
+         "gain": rng.normal(1, 0.05, (1, cols, 1, 1)).astype(np.float32),
+         "offset": rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32),
+         "lut": transfer_lut(build_chip_config(inl=0.7), bits)}
+    m = one_op_model("AdcQuantizeNonIdeal", {"s": s}, c, {"bits": bits, "noise_sigma": sigma, "seed": seed})
+    body, nat = run_both(m, {"s": s})
+    assert np.array_equal(nat, body)
+
+
+def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw, sigma=0.6, s=None):
     rng = np.random.default_rng(seed)
     cols = G * T * S * cout_g
-    s = np.round(rng.standard_normal((P * B, cols, *hw)) * 30).astype(np.float32)
+    if s is None:
+        s = np.round(rng.standard_normal((P * B, cols, *hw)) * 30).astype(np.float32)
     scale = rng.uniform(0.5, 6, (1, cols, 1, 1)).astype(np.float32)
     zp = np.round(rng.uniform(0, 2 ** bits, (1, cols, 1, 1))).astype(np.float32)
     coef = rng.choice([1, 2, 4, -8, -1], (P, S)).astype(np.float32)
