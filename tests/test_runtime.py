@@ -279,7 +279,7 @@ def test_fused_adc_recombine_task_splits(P, T, S, cout_g, B, hw):
 
 @needs_native
 def test_fused_adc_recombine_empty_batch():
-    # an empty batch gives an empty output (the channel-run arithmetic divides by the batch size)
+    # an empty batch gives an empty output (the native channel-run arithmetic divides by the batch size)
     P, S, cout, cols = 2, 2, 3, 6
     s = np.zeros((0, cols, 3, 4), np.float32)
     c = lambda v: np.full((1, cols, 1, 1), v, np.float32)
@@ -289,8 +289,11 @@ def test_fused_adc_recombine_empty_batch():
     noisy = one_op_model("AdcRecombineNonIdeal", {"s": s}, {"scale": c(1), "zp": c(0), "gain": c(1), "offset": c(0), "lut": lut,
                                                             "coef": np.ones((P, S), np.float32)},
                          {**attrs, "noise_sigma": 0.5, "seed": 1})
-    for m in (ideal, noisy):
-        assert open_session(m, native=True).run(None, {"s": s})[0].shape == (0, cout, 3, 4)
+    unfused = one_op_model("AdcQuantizeNonIdeal", {"s": s}, {"scale": c(1), "zp": c(0), "gain": c(1), "offset": c(0),
+                                                            "lut": lut}, {"bits": 5, "noise_sigma": 0.5, "seed": 1})
+    for m, shape in ((ideal, (0, cout, 3, 4)), (noisy, (0, cout, 3, 4)), (unfused, s.shape)):
+        for native in (True, False):   # the function bodies too (the noise key once reshaped s to (0, -1))
+            assert open_session(m, native=native).run(None, {"s": s})[0].shape == shape
 
 
 @needs_native
