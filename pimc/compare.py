@@ -21,7 +21,6 @@ def load_report(path) -> dict:
     return r
 
 
-
 def _config_line(r: dict) -> str:
     c = r.get("compile_config", {})
     keys = ("scheme", "weight_bits", "input_bits", "adc_bits", "array_rows", "cell_bits", "adc_range", "fold_bn")

@@ -61,7 +61,6 @@ def sweep(model: str, data: str, base: CompileConfig, axes: dict[str, list], *, 
             "calibration": loaded[4], "points": points}
 
 
-
 def sweep_table(result: dict) -> str:
     keys = list(result["axes"])
     cols = ["float", "digital", "ideal_pim", "nonideal_pim", "nonideal_pim_bn_calibrated"]

@@ -220,6 +220,14 @@ inline float curve_in(float x, const Column& k, const float* pairs) {
   return (pairs[2 * k0] + fr * pairs[2 * k0 + 1]) + (w - wc);
 }
 
+// The rest of a conversion for one value (Lanes::output after the noise, in scalar):
+// (clip(round(f + noise), 0, top) - z) * d
+template <bool Noisy>
+inline float finish(float f, uint32_t counter, const Column& k) {
+  float code = std::min(std::max(std::nearbyint(add_noise<Noisy>(f, counter, k)), 0.0f), k.top);
+  return (code - k.z) * k.d;
+}
+
 template <bool Identity, bool Noisy, typename Sink>
 void convert(const float* __restrict in, const Sink& sink, const uint32_t* __restrict mc, int64_t n,
              const Column& k, const float* __restrict pairs) {
@@ -261,16 +269,12 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
     i += m;
   }
 #endif
-  for (; i < n; ++i) {
-    float f = add_noise<Noisy>(curve_in<Identity>(in[i], k, pairs), Noisy ? mc[i] : 0u, k);
-    float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
-    out.put(i, (code - k.z) * k.d);
-  }
+  for (; i < n; ++i) out.put(i, finish<Noisy>(curve_in<Identity>(in[i], k, pairs), Noisy ? mc[i] : 0u, k));
 }
 
 // Curve conversions of integral partial sums.  With 1-bit input planes and 1-bit
-// cells, s is a small integer (ResNet-20 bit-serial: 59 % are 0 and 97-100 % of
-// groups of eight are all in [0, 15]), so the curve's output before noise,
+// cells, s is a small integer (ResNet-20 bit-serial: 59 % are 0, and 92-100 % of
+// the groups of eight of a layer are all in [0, 15]), so the curve's output before noise,
 // f(s) = curve(g * (s / d) + o + z), is tabulated per column for s = 0 .. ntab-1
 // by the scalar steps above (curve_in: the same float operations, so the same
 // values).  A group of eight integral values in [0, 15] (tested on the bit
@@ -325,11 +329,7 @@ void convert_tabulated(const float* __restrict in, const Sink& sink, const uint3
     i += m;
   }
 #endif
-  for (; i < n; ++i) {
-    float f = add_noise<Noisy>(f_at(in[i]), Noisy ? mc[i] : 0u, k);
-    float code = std::min(std::max(std::nearbyint(f), 0.0f), k.top);
-    out.put(i, (code - k.z) * k.d);
-  }
+  for (; i < n; ++i) out.put(i, finish<Noisy>(f_at(in[i]), Noisy ? mc[i] : 0u, k));
 }
 
 template <typename Sink>
@@ -478,14 +478,14 @@ struct NonIdeal {
   void run(int64_t r, int64_t c, const Sink& out) const {
     Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, key[r]};
     const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner : nullptr;
+    const float* in = sp + (r * sh.cols + c) * sh.inner;
     if (ntab > 0) {
-      const float* in = sp + (r * sh.cols + c) * sh.inner;
       const float* t = tab.data() + c * ntab;
       if (noisy) convert_tabulated<true>(in, out, mc, sh.inner, col, pairs.data(), t, ntab);
       else convert_tabulated<false>(in, out, mc, sh.inner, col, pairs.data(), t, ntab);
       return;
     }
-    convert_any(identity, noisy, sp + (r * sh.cols + c) * sh.inner, out, mc, sh.inner, col, pairs.data());
+    convert_any(identity, noisy, in, out, mc, sh.inner, col, pairs.data());
   }
 };
 
