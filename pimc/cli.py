@@ -50,7 +50,9 @@ _COMPILE_OPTIONS = [
     click.option("--tile-mode", type=click.Choice(TILE_MODES), help="channel: whole kernels per array, floor(R/(kh*kw)) "
                   f"input channels per tile; row: exactly R rows per tile, kernels may straddle arrays.  [default: {_D.tile_mode}]"),
     click.option("--adc-range", type=click.Choice(ADC_RANGES), help="full: worst-case partial-sum range per column (never "
-                  f"clips); calibrated: per-column min/max over the calibration data.  [default: {_D.adc_range}]"),
+                  "clips); calibrated: per-column min/max over the calibration data; auto: calibrated when real "
+                  "calibration data is given (--calib-data, or the calibration images of eval/sweep), else full.  "
+                  f"[default: {_D.adc_range}]"),
     click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration inputs: .npy, or .npz with an array "
                   "named 'x' or after the model input, preprocessed as the model expects (use training, never evaluation, "
                   "data).  [default: 64 synthetic N(0,1) inputs, with a warning]"),

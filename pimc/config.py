@@ -22,7 +22,7 @@ from .errors import PimcError
 
 SCHEMES = ("float", "digital", "native", "differential", "bit-serial", "bit-serial+differential")
 TILE_MODES = ("channel", "row")
-ADC_RANGES = ("full", "calibrated")
+ADC_RANGES = ("auto", "full", "calibrated")
 FOLD_BN = ("weights", "output")
 
 
@@ -38,7 +38,7 @@ class CompileConfig:
     input_bits: int = 8
     cell_bits: int = 0  # weight bits per cell; 0 = the whole weight (or its magnitude) in one cell
     tile_mode: str = "channel"
-    adc_range: str = "full"
+    adc_range: str = "auto"  # auto: calibrated with real calibration data, else full (see resolved())
     calib_data: str | None = None
     calib_samples: int = 256
     fold_bn: str = "weights"
@@ -76,6 +76,15 @@ class CompileConfig:
 
     def replace(self, **kw) -> "CompileConfig":
         return dataclasses.replace(self, **kw)
+
+    def resolved(self, real_calibration: bool | None = None) -> "CompileConfig":
+        """This config with ``adc_range="auto"`` made concrete: ``calibrated`` when real
+        calibration data is given (``calib_data``, or ``real_calibration``), ``full`` when
+        only synthetic inputs exist, and ``full`` for the float and digital schemes (no ADC)."""
+        if self.adc_range != "auto":
+            return self
+        real = self.calib_data is not None if real_calibration is None else real_calibration
+        return self.replace(adc_range="calibrated" if real and self.pim else "full")
 
 
 # Presets: name -> (description, overrides).  N is the number of rows summed per
@@ -197,7 +206,7 @@ def validate(cfg: CompileConfig) -> None:
          f"{'differential weight magnitude' if cfg.differential_weights else 'weight'} has with --weight-bits {cfg.weight_bits}; use 0..{mag}")
     if cfg.scheme == "float":
         # a float compile quantizes nothing; silently ignoring PIM options would mislead
-        need(cfg.adc_range == "full", "--adc-range calibrated has no effect with --scheme float; drop it or pick a PIM scheme")
+        need(cfg.adc_range != "calibrated", "--adc-range calibrated has no effect with --scheme float; drop it or pick a PIM scheme")
     if cfg.scheme in ("float", "digital"):
         need(cfg.cell_bits == 0, f"--cell-bits has no effect with --scheme {cfg.scheme}; drop it or pick a PIM scheme")
     # exactness of float32 partial sums: |s| must stay below 2^24

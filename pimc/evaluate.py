@@ -110,6 +110,7 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
     from pimc.runtime.chip import ChipConfig, build_chip_config
 
     prep = prep or {}
+    config = config.resolved(real_calibration=True)   # calibration images are real here
     if calibrate_bn and (not config.pim or chips < 1):
         raise PimcError("--calibrate-bn needs a PIM scheme and --chips >= 1")
     if calibrate_bn and config.fold_bn != "output":

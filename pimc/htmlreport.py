@@ -53,10 +53,11 @@ def plot_chips(report: dict, path: Path) -> None:
     ax.set_xlabel("chip seed")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, loc="lower right")
+    # the legend sits below the axes, where it hides no bar
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     ax.set_title("Accuracy per chip instance")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -89,21 +90,30 @@ def plot_histograms(report: dict, path: Path) -> None:
     n = len(layers)
     cols = 4
     rows = max(1, (n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.2 * rows), squeeze=False)
-    for ax, r in zip(axes.ravel(), layers):
+    fig, axes = plt.subplots(rows, cols, figsize=(13, 2.6 * rows + 0.8), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+    handles = {}
+    for i, (ax, r) in enumerate(zip(axes.ravel(), layers)):
         for v in _variants(report):
             h = r[v].get("code_hist")
             if h:
-                ax.step(range(len(h)), h, where="mid", label=v, linewidth=0.9)
+                (line,) = ax.step(range(len(h)), h, where="mid", linewidth=1.0)
+                handles.setdefault(v, line)
         ax.set_yscale("log")
-        ax.set_title(r["layer"][-34:], fontsize=7)
-        ax.tick_params(labelsize=6)
+        ax.set_title(r["layer"][-40:], fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+        if i % cols == 0:
+            ax.set_ylabel("conversions", fontsize=8)
+        if i >= n - cols:
+            ax.set_xlabel("ADC output code", fontsize=8)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
-    if layers:
-        axes.ravel()[0].legend(fontsize=5)
-    fig.suptitle("ADC code usage per layer (counts, log scale)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("ADC code usage per layer (conversions per code, log scale)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / (2.6 * rows + 0.8)))
+    if handles:   # one legend for the whole grid, under the title
+        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles), fontsize=9,
+                   frameon=False, bbox_to_anchor=(0.5, 1 - 0.35 / (2.6 * rows + 0.8)))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -118,24 +128,29 @@ def plot_sweep(result: dict, path) -> None:
         key = (p["axes"]["scheme"],) + tuple(p["axes"][k] for k in others)
         series.setdefault(key, []).append((p["axes"]["adc_bits"], p["results"]))
         base_lines.setdefault("float", p["results"]["float"]["top1"])
+    # one colour per scheme, one line style per value of the other axes
+    colours = {sc: f"C{i}" for i, sc in enumerate(dict.fromkeys(k[0] for k in series))}
+    styles = {rest: ("-", "--", "-.", ":")[i % 4] for i, rest in enumerate(dict.fromkeys(k[1:] for k in series))}
     for key, pts in series.items():
         pts.sort(key=lambda t: t[0])
         name = key[0] + "".join(f", {k}={v}" for k, v in zip(others, key[1:]))
-        ax.plot([b for b, _ in pts], [100 * r["ideal_pim"]["top1"] for _, r in pts], marker="o", label=f"{name} (ideal)")
+        ax.plot([b for b, _ in pts], [100 * r["ideal_pim"]["top1"] for _, r in pts], marker="o", label=f"{name} (ideal)",
+                color=colours[key[0]], linestyle=styles[key[1:]])
         if all("nonideal_pim" in r for _, r in pts):
             ax.errorbar([b for b, _ in pts], [100 * r["nonideal_pim"]["top1"]["mean"] for _, r in pts],
                         yerr=[100 * r["nonideal_pim"]["top1"]["std"] for _, r in pts], marker="x", linestyle=":",
-                        label=f"{name} (chips)")
+                        color=colours[key[0]], label=f"{name} (chips)")
     if "float" in base_lines:
         ax.axhline(100 * base_lines["float"], color="k", linestyle="--", label="float")
     ax.set_xlabel("ADC bits")
+    ax.set_xticks(sorted({int(b) for b in result["axes"]["adc_bits"]}))   # integer resolutions only
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_title(f"Accuracy vs ADC resolution ({result['data']['images']} images)")
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -148,7 +163,8 @@ def _table(headers, rows) -> str:
 
 def write_html(report: dict, out_dir) -> None:
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from .io import check_output_path
+    check_output_path(out_dir, "--html", directory=True)
     tmp = Path(tempfile.mkdtemp(prefix=".pimc-html-", dir=out_dir.parent))
     try:
         parts = ["<!doctype html><meta charset='utf-8'><title>pimc eval report</title>",

@@ -42,11 +42,30 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+def check_output_path(path: str | Path, option: str = "-o", *, directory: bool = False,
+                      suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse, before any work, an output path that cannot be written: its folder
+    missing or not writable, a folder where a file goes (or the reverse), a suffix
+    other than ``suffixes``.  The output itself (file, or ``directory``) may be new;
+    missing parent folders are never created.  Returns the path."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise PimcError(f"output folder '{parent}' does not exist; create it or choose another -o path")
+        raise PimcError(f"{option}: folder '{parent}' does not exist; create it or choose another {option} path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PimcError(f"{option}: cannot write into folder '{parent}'; choose another {option} path")
+    if directory and p.exists() and not p.is_dir():
+        raise PimcError(f"{option}: '{p}' is a file; give a folder path")
+    if not directory and p.is_dir():
+        raise PimcError(f"{option}: '{p}' is a folder; give a file path")
+    if suffixes and p.suffix not in suffixes:
+        raise PimcError(f"{option}: '{p}' must end in {' or '.join(suffixes)}")
+    return p
+
+
+def write_bytes_atomic(data: bytes, path: str | Path, option: str = "-o") -> None:
+    p = check_output_path(path, option)
+    parent = p.parent if str(p.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -78,6 +78,7 @@ def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str |
         config = build_config(**options)
     elif options:
         raise PimcError("give either a CompileConfig or option keywords, not both")
+    config = config.resolved()
     if isinstance(model, (str, Path)):
         source = str(model)
         proto = load_onnx(model)
