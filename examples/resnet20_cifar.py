@@ -2,10 +2,12 @@
 
 Usage::
 
-    python examples/resnet20_cifar.py ../shared/data/models/resnet20_cifar10.th -o resnet20.onnx [--exporter legacy|dynamo]
+    python examples/resnet20_cifar.py ../shared/data/models/resnet20_cifar10.th -o resnet20.onnx [--exporter legacy|dynamo] [--static-batch]
 
 The state_dict keys of the public checkpoint load unchanged.  The export has a
-dynamic batch axis.  ``legacy`` is torch.onnx's TorchScript exporter (run with
+dynamic batch axis; ``--static-batch`` writes a fixed batch of 1 instead, as
+``torch.onnx.export(..., dynamo=True)`` does without ``dynamic_shapes`` (pimc
+makes such a batch symbolic on import).  ``legacy`` is torch.onnx's TorchScript exporter (run with
 do_constant_folding=False so that BatchNorm stays a separate node for pimc to
 fold); ``dynamo`` is the default torch.export-based exporter (needs onnxscript).
 Preprocessing expected by the model: x/255, per-channel mean
@@ -87,14 +89,15 @@ def load_resnet20(path: str) -> ResNetCifar:
     return model.eval()
 
 
-def export_onnx(model: nn.Module, path: str, exporter: str = "legacy", opset: int = 17, input_hw=(32, 32)) -> None:
+def export_onnx(model: nn.Module, path: str, exporter: str = "legacy", opset: int = 17, input_hw=(32, 32),
+                static_batch: bool = False) -> None:
     x = torch.zeros(1, 3, *input_hw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "legacy":
             torch.onnx.export(model, (x,), path, dynamo=False, do_constant_folding=False, opset_version=opset,
                               input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                              dynamic_axes=None if static_batch else {"input": {0: "batch"}, "logits": {0: "batch"}})
         elif exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
             out = sys.stdout
@@ -102,7 +105,7 @@ def export_onnx(model: nn.Module, path: str, exporter: str = "legacy", opset: in
             try:
                 prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=max(opset, 18),
                                          input_names=["input"], output_names=["logits"],
-                                         dynamic_shapes={"x": {0: batch}})
+                                         dynamic_shapes=None if static_batch else {"x": {0: batch}})
                 prog.save(path)
             finally:
                 sys.stdout = out
@@ -122,8 +125,9 @@ def main():
     ap.add_argument("checkpoint")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy")
+    ap.add_argument("--static-batch", action="store_true", help="fixed batch of 1 (no dynamic batch axis)")
     a = ap.parse_args()
-    export_onnx(load_resnet20(a.checkpoint), a.output, a.exporter)
+    export_onnx(load_resnet20(a.checkpoint), a.output, a.exporter, static_batch=a.static_batch)
     print(f"wrote {a.output}")
 
 

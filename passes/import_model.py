@@ -4,7 +4,8 @@ Accepts: any ONNX ModelProto whose default-domain opset is 7..28 (models from
 both torch exporters included).
 Guarantees: the model is at opset >= 17 (converted up when older, down to the
 newest opset onnxruntime runs when newer), passes onnx.checker, has inferred
-shapes, its constant subgraphs are folded (so Conv/Gemm/MatMul weights computed
+shapes, a symbolic batch dimension wherever the graph allows it (see
+``free_batch``), its constant subgraphs are folded (so Conv/Gemm/MatMul weights computed
 from Constant/Identity/DequantizeLinear chains become initializers), dead nodes
 are removed and nodes are topologically sorted.  Raises PimcError naming the
 problem otherwise.
@@ -12,6 +13,7 @@ problem otherwise.
 from __future__ import annotations
 
 import logging
+import sys
 
 import onnx
 import onnx.version_converter
@@ -23,6 +25,7 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 from pimc.errors import PimcError
 from pimc.model import PimModel
 from .base import Transformation
+from .free_batch import free_batch
 
 MIN_OPSET, MAX_OPSET_IN = 7, 28
 TARGET_MIN, ORT_MAX = 17, 21
@@ -35,8 +38,9 @@ def opset_of(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def normalise_proto(model: onnx.ModelProto, source: str = "<memory>") -> tuple[onnx.ModelProto, int]:
-    """Opset/IR handling, checking and shape inference on a raw ModelProto."""
+def normalise_proto(model: onnx.ModelProto, source: str = "<memory>") -> tuple[onnx.ModelProto, int, int | None, str | None]:
+    """Opset/IR handling, checking, a symbolic batch (``free_batch``) and shape inference
+    on a raw ModelProto.  Returns (model, opset, the fixed batch or None, a note or None)."""
     opset = opset_of(model)
     if opset is None:
         raise PimcError(f"'{source}': the model imports no default-domain opset; re-export it with a standard ONNX opset")
@@ -60,11 +64,12 @@ def normalise_proto(model: onnx.ModelProto, source: str = "<memory>") -> tuple[o
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise PimcError(f"'{source}': not a valid ONNX model: {str(e).splitlines()[0]}")
+    model, fixed_batch, note = free_batch(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
         raise PimcError(f"'{source}': shape inference failed: {str(e).splitlines()[0]}")
-    return model, target
+    return model, target, fixed_batch, note
 
 
 class ImportModel(Transformation):
@@ -80,9 +85,16 @@ class ImportModel(Transformation):
         return model, len(g.nodes) != n_before
 
 
-def import_graph(proto: onnx.ModelProto, source: str) -> tuple[gs.Graph, int]:
-    proto, opset = normalise_proto(proto, source)
+_SAID: set[str] = set()
+
+
+def import_graph(proto: onnx.ModelProto, source: str) -> tuple[gs.Graph, int, int | None, str | None]:
+    """(graph, opset, fixed batch or None, note or None); the note is printed once per process."""
+    proto, opset, fixed_batch, note = normalise_proto(proto, source)
+    if note and note not in _SAID:
+        _SAID.add(note)
+        print(f"pimc: note: '{source}': {note}", file=sys.stderr)
     gs_log = logging.getLogger("onnx_graphsurgeon")
     gs_log.setLevel(logging.ERROR)
     graph = gs.import_onnx(proto)
-    return graph, opset
+    return graph, opset, fixed_batch, note

@@ -63,13 +63,13 @@ def channel_stats(model: onnx.ModelProto, chip, tensor: str, x: np.ndarray, batc
                   transform=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (axis 1) mean and variance of ``tensor`` over the images ``x``
     (float64 sums), on chip ``chip``; ``transform`` maps each batch's values first."""
-    from pimc.runtime.session import open_session
+    from pimc.runtime.session import open_session, run_batches
     sess = open_session(with_outputs(model, [tensor]), chip)
     name = input_name(model)
     s1 = s2 = None
     count = 0
-    for i in range(0, len(x), batch):
-        v = sess.run([tensor], {name: x[i:i + batch]})[0].astype(np.float64)
+    for _, _, (v,) in run_batches(sess, [tensor], {name: x}, batch):
+        v = v.astype(np.float64)
         if transform is not None:
             v = transform(v)
         axes = tuple(a for a in range(v.ndim) if a != 1)

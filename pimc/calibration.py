@@ -99,10 +99,10 @@ def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    n = next(iter(feed.values())).shape[0]
+    from pimc.runtime.session import run_batches
     out: list[list[np.ndarray]] = [[] for _ in names]
-    for i in range(0, n, BATCH):
-        res = sess.run(names, {k: v[i:i + BATCH] for k, v in feed.items()})
+    # probes reduce over the batch: the padding rows of a fixed-batch model repeat a sample and change no min/max
+    for _, _, res in run_batches(sess, names, feed, BATCH, trim=False):
         for j, r in enumerate(res):
             out[j].append(r)
     return out

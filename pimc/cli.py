@@ -32,7 +32,7 @@ def _option_block(options_name: str):
     return decorate
 
 
-compile_options = _option_block("_COMPILE_OPTIONS")   # shared by `pimc compile` and `pimc eval`
+compile_options = _option_block("_COMPILE_OPTIONS")   # shared by `pimc compile`, `pimc eval` and `pimc sweep`
 chip_options = _option_block("_CHIP_OPTIONS")         # chip settings, shared by `pimc run` and `pimc eval`
 
 
@@ -53,9 +53,6 @@ _COMPILE_OPTIONS = [
                   "clips); calibrated: per-column min/max over the calibration data; auto: calibrated when real "
                   "calibration data is given (--calib-data, or the calibration images of eval/sweep), else full.  "
                   f"[default: {_D.adc_range}]"),
-    click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration inputs: .npy, or .npz with an array "
-                  "named 'x' or after the model input, preprocessed as the model expects (use training, never evaluation, "
-                  "data).  [default: 64 synthetic N(0,1) inputs, with a warning]"),
     click.option("--calib-samples", type=int, help=f"Use at most this many calibration samples.  [default: {_D.calib_samples}]"),
     click.option("--fold-bn", type=click.Choice(FOLD_BN), help="Fold BatchNorm into the weights (the arrays hold folded "
                   f"weights) or into the per-column output affine after the ADC.  [default: {_D.fold_bn}]"),
@@ -92,6 +89,9 @@ def cli():
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output PIM IR model.  [default: MODEL with .pim.onnx suffix, beside MODEL]")
 @compile_options
+@click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration inputs: .npy, or .npz with an array "
+              "named 'x' or after the model input, preprocessed as the model expects (use training, never evaluation, "
+              "data).  [default: 64 synthetic N(0,1) inputs, with a warning]")
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), help="Save every intermediate model "
               "there as NN_<pass>.onnx.")
 @click.option("--verify", is_flag=True, help="Check and run every intermediate model on calibration samples; "
@@ -105,8 +105,8 @@ def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, v
     import json
 
     from .config import build_config
-    from .io import write_bytes_atomic
-    from .pipeline import compile_model
+    from .io import check_output_path, load_onnx, write_bytes_atomic
+    from .pipeline import compile_model, refuse_compiled
     from .summary import mapping_summary
 
     if opts.get("calib_data") is not None:
@@ -117,13 +117,20 @@ def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, v
                                  else model.name + ".pim.onnx")
     if output.resolve() == model.resolve():
         raise PimcError(f"-o: output '{output}' would overwrite the input model; choose another path")
+    check_output_path(output, "-o")
+    if json_path is not None:
+        check_output_path(json_path, "--json")
+    if dump_dir is not None:
+        check_output_path(dump_dir, "--dump-dir", directory=True)
+    proto = load_onnx(model)
+    refuse_compiled(proto, str(model), "pimc compile")
     log = (lambda m: click.echo(m, err=True)) if verbose else None
-    res = compile_model(str(model), cfg, dump_dir=dump_dir, verify=verify, log=log)
+    res = compile_model(proto, cfg, dump_dir=dump_dir, verify=verify, log=log, source=str(model))
     res.save(output)
     if json_path:
-        write_bytes_atomic(json.dumps(res.mapping, indent=1, sort_keys=True).encode(), json_path)
+        write_bytes_atomic(json.dumps(res.mapping, indent=1, sort_keys=True).encode(), json_path, "--json")
     if not quiet:
-        click.echo(mapping_summary(res.mapping, cfg.to_dict()))
+        click.echo(mapping_summary(res.mapping, res.pim.config.to_dict()))
         for v in res.verification:
             if "max_abs_change" in v:
                 click.echo(f"verify {v['pass']:<24} max |change| {v['max_abs_change']:.3g}" + (" (exact)" if v["exact"] else ""))
@@ -132,9 +139,14 @@ def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, v
 
 @cli.command("presets")
 def presets_cmd():
-    """List the named configurations for --preset."""
+    """List the named compile configurations (--preset) and chips (--chip-preset)."""
+    from pimc.runtime.chip import CHIP_PRESETS
+    click.echo("compile presets (--preset, for pimc compile, eval and sweep):")
     for name, (desc, vals) in PRESETS.items():
-        click.echo(f"{name}\n  {desc}\n  " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vals.items()))
+        click.echo(f"  {name}\n    {desc}\n    " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vals.items()))
+    click.echo("chip presets (--chip-preset, for pimc run, eval, sweep and calibrate-bn):")
+    for name, (desc, vals) in CHIP_PRESETS.items():
+        click.echo(f"  {name}\n    {desc}\n    " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vals.items()))
 
 
 @cli.command("demo")
@@ -169,31 +181,34 @@ def run_cmd(model, inputs, output, chip_preset, hw, batch_size, function_bodies,
     """Run MODEL (a PIM IR, or plain ONNX without chip options) on inputs; write the outputs as .npy/.npz."""
     import numpy as np
 
-    from .io import load_array_file, write_bytes_atomic
+    from .io import check_output_path, load_array_file, write_bytes_atomic
     from pimc.runtime.chip import build_chip_config
-    from pimc.runtime.session import open_session
+    from pimc.runtime.session import open_session, run_batches
 
     if batch_size < 1:
         raise PimcError(f"--batch-size: {batch_size} must be at least 1")
+    if output is not None:
+        check_output_path(output, "-o", suffixes=(".npy", ".npz"))
     if chip_opts.get("lut_csv") is not None:
         chip_opts["lut_csv"] = str(chip_opts["lut_csv"])
     pim_asked = chip_preset is not None or hw is not None or any(v is not None for v in chip_opts.values())
     chip = build_chip_config(preset=chip_preset, hw=hw, **chip_opts) if pim_asked else None
     sess = open_session(str(model), chip, native=False if function_bodies else None)
     feed = _read_inputs(sess, inputs, load_array_file)
-    n = next(iter(feed.values())).shape[0]
     names = [o.name for o in sess.get_outputs()]
+    if output is None:
+        stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
+        output = check_output_path(model.with_name(stem + (".out.npy" if len(names) == 1 else ".out.npz")), "-o")
+    elif output.suffix == ".npy" and len(names) > 1:
+        raise PimcError(f"-o: the model has {len(names)} outputs ({', '.join(names)}); give an .npz path")
     parts = {k: [] for k in names}
-    for i in range(0, n, batch_size):
-        for k, v in zip(names, sess.run(None, {k: v[i:i + batch_size] for k, v in feed.items()})):
+    for _, _, out in run_batches(sess, None, feed, batch_size):
+        for k, v in zip(names, out):
             parts[k].append(v)
     outs = {k: np.concatenate(v) for k, v in parts.items()}
     import io as _io
     buf = _io.BytesIO()
-    if output is None:
-        stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
-        output = model.with_name(stem + (".out.npy" if len(outs) == 1 else ".out.npz"))
-    if len(outs) == 1 and output.suffix == ".npy":
+    if output.suffix == ".npy":
         np.save(buf, next(iter(outs.values())))
     else:
         np.savez(buf, **outs)
@@ -222,9 +237,11 @@ def _read_inputs(sess, specs, load):
         want = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}.get(info.type)
         if want is not None and a.dtype != want:
             raise PimcError(f"--input: '{name}' is {a.dtype}, the model wants {np.dtype(want)}; convert the array")
-        shape = info.shape
-        if a.ndim != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
+        shape = info.shape   # the leading (batch) dimension is free: a fixed batch is fed in batches of its size
+        if a.ndim != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape[1:], a.shape[1:])):
             raise PimcError(f"--input: '{name}' has shape {list(a.shape)}, the model wants {shape}")
+        if a.shape[0] == 0:
+            raise PimcError(f"--input: '{name}' holds no samples")
     sizes = {a.shape[0] for a in feed.values()}
     if len(sizes) != 1:
         raise PimcError(f"--input: the arrays disagree on the batch size: {sorted(sizes)}")
@@ -277,13 +294,15 @@ def _prep(model, scale, mean, std, layout) -> dict:
     """Preprocessing: the options given, else the model's metadata, else the defaults."""
     from .datasets import PREPROCESS_DEFAULTS, model_preprocess
     prep = dict(model_preprocess(model) or PREPROCESS_DEFAULTS)
-    try:
-        if mean is not None:
-            prep["mean"] = [float(v) for v in mean.split(",")]
-        if std is not None:
-            prep["std"] = [float(v) for v in std.split(",")]
-    except ValueError:
-        raise PimcError(f"--mean/--std: '{mean}' / '{std}' are not comma lists of numbers")
+    for option, key, text in (("--mean", "mean", mean), ("--std", "std", std)):
+        if text is not None:
+            try:
+                prep[key] = [float(v) for v in text.split(",")]
+            except ValueError:
+                raise PimcError(f"{option}: '{text}' is not a comma list of numbers (one per channel, e.g. "
+                                f"0.485,0.456,0.406)")
+    if any(v == 0 for v in prep["std"]):
+        raise PimcError(f"--std: {','.join(map(str, prep['std']))} has a zero; the inputs would be divided by it")
     if scale is not None:
         prep["scale"] = scale
     if layout is not None:
@@ -300,20 +319,22 @@ def _split_chip_opts(opts: dict, default_adc: str = "nonideal") -> dict:
     return chip_opts
 
 
-def _eval_setup(model: Path, opts: dict, plots: bool) -> tuple:
+def _eval_setup(model: Path, opts: dict, plots: bool, command: str) -> tuple:
     """Pop the data, evaluation, chip and compile options of `pimc eval` / `pimc sweep`
     from ``opts``; return (data path, compile config, the other evaluate() arguments)."""
     from .config import build_config
     from .evaluate import _Progress
     from .executor import make_executor
+    from .io import load_onnx
+    from .pipeline import refuse_compiled
     from pimc.runtime.chip import build_chip_config
+
+    refuse_compiled(load_onnx(model), str(model), command)
 
     e = {k: opts.pop(k) for k in ("data", "scale", "mean", "std", "layout", "batch_size", "split", "calib_from",
                                   "calib_split", "chips", "chip_preset", "calibrate_bn", "limit", "stats_images",
                                   "executor", "ray_address", "shards", "threads", "hw", "preset")}
     chip_opts = _split_chip_opts(opts)
-    if opts.get("calib_data") is not None:
-        raise PimcError("pimc eval calibrates on --calib-from/--calib-split images; drop --calib-data")
     if e["chips"] < 0 or (e["limit"] is not None and e["limit"] < 1) or e["batch_size"] < 1 or e["stats_images"] < 0 \
             or e["shards"] < 0 or e["threads"] < 0:
         raise PimcError("--chips, --stats-images, --shards and --threads must be >= 0, --limit and --batch-size >= 1")
@@ -332,6 +353,14 @@ def _eval_setup(model: Path, opts: dict, plots: bool) -> tuple:
               limit=e["limit"], batch=e["batch_size"], calibrate_bn=e["calibrate_bn"], stats_images=e["stats_images"],
               executor=ex, log=log)
     return str(e["data"]), cfg, kw
+
+
+def _check_outputs(**paths) -> None:
+    """Check every output path of a command before any work (option name -> path)."""
+    from .io import check_output_path
+    for option, (path, kind) in paths.items():
+        if path is not None:
+            check_output_path(path, option, directory=kind == "dir", suffixes=(".png",) if kind == "png" else ())
 
 
 def _write_json(obj: dict, path) -> None:
@@ -354,7 +383,8 @@ def eval_cmd(model, json_path, html_dir, **opts):
     """Evaluate MODEL: float, digital quantized, ideal PIM and non-ideal PIM chips on the same images."""
     from .evaluate import evaluate, report_table
 
-    data, cfg, kw = _eval_setup(model, opts, plots=html_dir is not None)
+    _check_outputs(**{"--json": (json_path, "file"), "--html": (html_dir, "dir")})
+    data, cfg, kw = _eval_setup(model, opts, plots=html_dir is not None, command="pimc eval")
     report = evaluate(str(model), data, cfg, **kw)
     click.echo(report_table(report))
     _write_json(report, json_path)
@@ -392,6 +422,8 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
         raise PimcError("--images and --batch-size must be >= 1")
     if output.resolve() == model.resolve():
         raise PimcError(f"-o: output '{output}' would overwrite the input model; choose another path")
+    from .io import check_output_path
+    check_output_path(output, "-o")
     chip = build_chip_config(preset=chip_preset, hw=hw, **_split_chip_opts(opts))
     proto = load_onnx(model)
     x_u8, _ = load_images(data, split)
@@ -437,7 +469,8 @@ def sweep_cmd(model, schemes, adc_bits_list, grid, json_path, plot_path, **opts)
     if opts.get("scheme") is not None or opts.get("adc_bits") is not None:
         raise PimcError("pimc sweep takes --schemes and --adc-bits-list, not --scheme/--adc-bits")
     axes = parse_grid(schemes, adc_bits_list, grid)
-    data, cfg, kw = _eval_setup(model, opts, plots=plot_path is not None)
+    _check_outputs(**{"--json": (json_path, "file"), "--plot": (plot_path, "png")})
+    data, cfg, kw = _eval_setup(model, opts, plots=plot_path is not None, command="pimc sweep")
     result = sweep(str(model), data, cfg, axes, **kw)
     click.echo(sweep_table(result))
     _write_json(result, json_path)
@@ -456,8 +489,20 @@ def native_cmd(fetch_headers, rebuild):
     if fetch_headers:
         native.fetch_headers()
     lib = native.build(force=rebuild)
-    click.echo(f"headers: {native.find_headers()}")
+    import onnxruntime
+    inc = native.find_headers()
+    header_api, runtime_api = native.api_versions(inc)
+    click.echo(f"headers: {inc} (onnxruntime C API version {header_api if header_api is not None else 'unknown'})")
     click.echo(f"library: {lib}")
+    if header_api is None:
+        click.echo("api: the headers' C API version could not be read")
+    elif header_api <= runtime_api:
+        click.echo(f"api: built against C API {header_api}; the installed onnxruntime {onnxruntime.__version__} serves "
+                   f"C API 1..{runtime_api}, so this is supported (the C API is versioned and backward compatible)")
+    else:
+        raise PimcError(f"the headers' C API version {header_api} is newer than the installed onnxruntime "
+                        f"{onnxruntime.__version__} serves ({runtime_api}); upgrade onnxruntime or use older headers "
+                        f"(PIMC_ORT_INCLUDE)")
 
 
 def main(argv=None) -> int:

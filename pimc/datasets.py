@@ -156,6 +156,12 @@ def _load_folder(d: Path, root: Path):
 
 def preprocess(x: np.ndarray, scale: float = 1 / 255, mean=(0.0,), std=(1.0,), layout: str = "NCHW") -> np.ndarray:
     """uint8 (N, H, W, C) -> float32 model inputs: x*scale, minus mean, over std, per channel."""
+    channels = x.shape[-1] if x.ndim else 0
+    for option, v in (("--mean", mean), ("--std", std)):
+        n = len(np.atleast_1d(v))
+        if n not in (1, channels):
+            raise PimcError(f"{option}: {n} values for images with {channels} channels; give one value per channel "
+                            f"(or one for all)")
     x = x.astype(np.float32) * np.float32(scale)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     if layout == "NCHW":

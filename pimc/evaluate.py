@@ -80,9 +80,13 @@ def load_eval_data(data: str, split: str, calib_data: str | None, calib_split: s
         x_u8, y = x_u8[:limit], y[:limit]
     calib_path = calib_data or data
     if Path(calib_path).resolve() == Path(data).resolve() and (calib_split == split or not has_splits(data)):
-        why = f"split {split}" if calib_split == split else "it has no separate train/test splits"
-        raise PimcError(f"calibration would read the evaluation images ('{data}', {why}); "
-                        f"use --calib-split train or give --calib-from with training images")
+        if has_splits(data):
+            other = "train" if split == "test" else "test"
+            raise PimcError(f"calibration would read the evaluation images ('{data}', split {split}); "
+                            f"use --calib-split {other}, or give --calib-from TRAIN.npz with training images")
+        raise PimcError(f"calibration would read the evaluation images: '{data}' has no separate train/test "
+                        f"splits; give the training images with --calib-from TRAIN.npz (an .npz, CIFAR "
+                        f"directory or image folder)")
     try:
         xc_u8, _ = load_images(calib_path, calib_split)
     except PimcError as e:
@@ -179,13 +183,13 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
                                                   zip(chip_list, calibrated)]}
         if cfg.pim and stats_images > 0:
             t0 = time.perf_counter()
-            report["layers"] = _layer_report(models, chip_list, calibrated, x[:stats_images])
+            report["layers"] = _layer_report(models, chip_list, calibrated, x[:stats_images], log)
             report["stats_images"] = int(min(stats_images, len(x)))
             report["timing_s"]["layer statistics"] = time.perf_counter() - t0
     return report
 
 
-def _layer_report(models, chip_list, calibrated, xs) -> list[dict]:
+def _layer_report(models, chip_list, calibrated, xs, log=None) -> list[dict]:
     """Per-layer SQNR / clipping / code histograms of ideal PIM, the first chip and
     (if any) the first chip after BN calibration, merged per layer."""
     import onnx
@@ -200,13 +204,15 @@ def _layer_report(models, chip_list, calibrated, xs) -> list[dict]:
         variants[f"bn_calibrated (chip {chip_list[0].chip_seed})"] = instantiate(
             onnx.load_from_string(calibrated[0][0]), chip_list[0])
     rows: dict[str, dict] = {}
+    bar = _Progress(len(variants) * len(xs), f"layer statistics ({len(variants)} models)", log)
     for label, m in variants.items():
-        for r in layer_stats(models["digital"], m, mapping, xs):
+        for r in layer_stats(models["digital"], m, mapping, xs, progress=bar.update):
             row = rows.setdefault(r["layer"], {"layer": r["layer"]})
             for k in ("adc_bits", "conversions_per_inference"):
                 if k in r:
                     row[k] = r[k]
             row[label] = {k: r[k] for k in ("sqnr_db", "exact", "clip_rate", "code_hist") if k in r}
+    bar.close()
     return list(rows.values())
 
 
@@ -257,6 +263,6 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, path) -> None:
+def write_report(report: dict, path, option: str = "--json") -> None:
     from .io import write_bytes_atomic
-    write_bytes_atomic(json.dumps(report, indent=1, sort_keys=True).encode(), path)
+    write_bytes_atomic(json.dumps(report, indent=1, sort_keys=True).encode(), path, option)

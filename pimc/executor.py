@@ -31,16 +31,15 @@ def topk(logits: np.ndarray, y: np.ndarray, k: int) -> int:
 def count_correct(model: bytes, chip, x: np.ndarray, y: np.ndarray, batch: int, threads: int = 0,
                   progress=None) -> dict:
     """Top-1 / top-5 correct counts of ``model`` on chip ``chip`` over (x, y)."""
-    from pimc.runtime.session import open_session
+    from pimc.runtime.session import open_session, run_batches
     sess = open_session(model, chip, threads=threads)
     name = sess.get_inputs()[0].name
     c1 = c5 = 0
-    for i in range(0, len(x), batch):
-        out = sess.run(None, {name: x[i:i + batch]})[0]
-        c1 += topk(out, y[i:i + batch], 1)
-        c5 += topk(out, y[i:i + batch], 5)
+    for i, rows, (out, *_) in run_batches(sess, None, {name: x}, batch):
+        c1 += topk(out, y[i:i + rows], 1)
+        c5 += topk(out, y[i:i + rows], 5)
         if progress is not None:
-            progress(len(out))
+            progress(rows)
     return {"correct_top1": c1, "correct_top5": c5, "images": int(len(x))}
 
 

@@ -24,8 +24,12 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         model = onnx.load(str(p))
     except DecodeError as e:
         raise PimcError(f"'{p}' is not a readable ONNX model (protobuf decode failed: {e}); re-export it or check that the download is complete")
-    except (OSError, ValueError, RuntimeError) as e:
-        raise PimcError(f"'{p}' could not be read as an ONNX model: {e}")
+    except Exception as e:  # onnx raises ValidationError, OSError, ValueError, ... for bad files and external data
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(". ")
+        what = "its external data could not be loaded" if "external" in msg.lower() or "TensorProto" in msg else \
+            "it could not be read as an ONNX model"
+        raise PimcError(f"'{p}': {what}: {msg}; check that the model and its data files are complete and lie "
+                        f"in the model's folder")
     if len(model.graph.node) == 0 and not model.graph.output:
         raise PimcError(f"'{p}' holds no ONNX graph (empty or not an ONNX file); give an exported .onnx model")
     return model

@@ -53,10 +53,10 @@ def _codes(s: np.ndarray, a: dict) -> np.ndarray:
 
 
 def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x: np.ndarray,
-                batch: int = 8) -> list[dict]:
+                batch: int = 8, progress=None) -> list[dict]:
     """Per-layer figures of ``pim`` (a compiled model, chip already instantiated)
-    against ``digital`` on images ``x``."""
-    from pimc.runtime.session import open_session
+    against ``digital`` on images ``x``; ``progress(n)`` is called after every n images."""
+    from pimc.runtime.session import open_session, run_batches
 
     produced = lambda m: {o for n in m.graph.node for o in n.output}
     both = produced(digital) & produced(pim)
@@ -69,10 +69,12 @@ def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x
     name = input_name(pim)
     acc = {L["name"]: {"sig": 0.0, "err": 0.0, "clip": 0, "conv": 0,
                        "hist": None} for L in layers}
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        d = dict(zip(outs, d_sess.run(outs, {name: xb})))
-        p = dict(zip(outs + s_names, p_sess.run(outs + s_names, {name: xb})))
+    for (_, rows, d_out), (_, _, p_out) in zip(run_batches(d_sess, outs, {name: x}, batch),
+                                            run_batches(p_sess, outs + s_names, {name: x}, batch)):
+        d = dict(zip(outs, d_out))
+        p = dict(zip(outs + s_names, p_out))
+        if progress is not None:
+            progress(rows)
         for L in layers:
             a = acc[L["name"]]
             dv, pv = d[L["output"]].astype(np.float64), p[L["output"]].astype(np.float64)

@@ -35,12 +35,14 @@ class PimModel:
     calib_inputs: dict | None = None                         # name -> array, loaded once (not recorded)
     stage: str = "imported"
     carried_metadata: dict = field(default_factory=dict)   # source metadata kept in the IR (pimc.preprocess)
+    fixed_batch: int | None = None   # the batch the graph depends on (None: any batch); see passes/free_batch.py
 
     def mapping(self) -> dict:
         return {
             "pimc_version": __version__,
             "domain": DOMAIN, "domain_version": DOMAIN_VERSION,
             "stage": self.stage,
+            "source": self.source,
             "layers": [p.to_record() for p in self.layers.values()],
             "digital_ops": self.digital_ops,
             "calibration": self.calibration,

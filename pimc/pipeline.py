@@ -37,9 +37,10 @@ CARRIED_METADATA = ("pimc.preprocess",)
 def new_pim_model(proto: onnx.ModelProto, config: CompileConfig, source: str) -> PimModel:
     """The PimModel the first pass receives: the normalised, imported graph."""
     from pimc.passes.import_model import import_graph
-    graph, opset = import_graph(proto, source)
+    graph, opset, fixed_batch, note = import_graph(proto, source)
     carried = {p.key: p.value for p in proto.metadata_props if p.key in CARRIED_METADATA}
-    return PimModel(graph=graph, config=config, opset=opset, source=source, carried_metadata=carried)
+    return PimModel(graph=graph, config=config, opset=opset, source=source, carried_metadata=carried,
+                    fixed_batch=fixed_batch, notes=[note] if note else [])
 
 
 def pass_list(cfg: CompileConfig) -> list:
@@ -67,8 +68,24 @@ class CompileResult:
         return self.pim.mapping()
 
 
+def refuse_compiled(proto: onnx.ModelProto, source: str, command: str) -> None:
+    """A one-line error when ``proto`` is already a pimc PIM IR: compiling it again would
+    map the IR's own array ops a second time and report wrong figures."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "pimc.mapping" not in meta and not any(o.domain == "ai.pimc" for o in proto.opset_import):
+        return
+    try:
+        import json
+        src = json.loads(meta.get("pimc.mapping", "{}")).get("source") or ""
+    except ValueError:
+        src = ""
+    hint = f" ('{src}')" if src and src != "<memory>" else ""
+    raise PimcError(f"'{source}' is already a pimc PIM IR; {command} takes the source ONNX model it was compiled "
+                    f"from{hint}: pass that, or run the IR with `pimc run`")
+
+
 def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str | Path | None = None,
-                  verify: bool = False, log=None, **options) -> CompileResult:
+                  verify: bool = False, log=None, source: str | None = None, **options) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) to the PIM IR.
 
     ``config`` is a CompileConfig; or give ``preset=``, ``hw=`` and option
@@ -80,10 +97,11 @@ def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str |
         raise PimcError("give either a CompileConfig or option keywords, not both")
     config = config.resolved()
     if isinstance(model, (str, Path)):
-        source = str(model)
+        source = source or str(model)
         proto = load_onnx(model)
     else:
-        source, proto = "<memory>", model
+        source, proto = source or "<memory>", model
+    refuse_compiled(proto, source, "compile_model")
     pm = new_pim_model(proto, config, source)
     if dump_dir is not None:
         dump_dir = Path(dump_dir)
@@ -119,8 +137,9 @@ def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str |
 
 
 def _run_probe(pm: PimModel, proto: onnx.ModelProto) -> list[np.ndarray]:
-    from pimc.runtime.session import open_session
+    from pimc.runtime.session import open_session, run_batches
     from .calibration import calibration_inputs
     feed = {k: v[:8] for k, v in calibration_inputs(pm).items()}
     sess = open_session(proto)
-    return sess.run(None, feed)
+    parts = [out for _, _, out in run_batches(sess, None, feed, 8)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]

@@ -91,6 +91,22 @@ def build(force: bool = False) -> Path:
     return out
 
 
+def api_versions(inc: Path | None = None) -> tuple[int | None, int]:
+    """(the C API version of the headers, the newest C API version the installed
+    onnxruntime serves).  onnxruntime's C API is versioned and backward compatible:
+    a library built against API N runs on any onnxruntime whose API version is >= N
+    (the version is onnxruntime's minor release number: 1.31 serves 1..31)."""
+    import re
+
+    import onnxruntime
+    inc = inc or find_headers()
+    header = None
+    if inc is not None and (inc / "onnxruntime_c_api.h").is_file():
+        m = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", (inc / "onnxruntime_c_api.h").read_text(errors="ignore"))
+        header = int(m.group(1)) if m else None
+    return header, int(onnxruntime.__version__.split(".")[1])
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -81,3 +81,36 @@ def _load(model) -> onnx.ModelProto:
         return onnx.load_from_string(bytes(model))
     from pimc.io import load_onnx
     return load_onnx(model)
+
+
+def fixed_batch(model) -> int | None:
+    """The static batch a model's first input demands (an onnxruntime session or a
+    ModelProto), or None when its batch dimension is symbolic (any batch runs)."""
+    if isinstance(model, onnx.ModelProto):
+        inits = {t.name for t in model.graph.initializer}
+        ins = [i for i in model.graph.input if i.name not in inits]
+        dims = ins[0].type.tensor_type.shape.dim if ins else []
+        return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value else None
+    shape = model.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def run_batches(sess: ort.InferenceSession, names, feed: dict, batch: int, *, trim: bool = True):
+    """Run ``feed`` (name -> array, one row per sample) through ``sess`` in batches of
+    ``batch`` rows; yield (first row, rows, outputs) per batch.  A model with a fixed
+    batch (``fixed_batch``) gets batches of exactly that size, the last padded with
+    copies of its last row; with ``trim`` the padded rows are cut off outputs whose
+    leading dimension is the batch (keep ``trim`` off for reductions over the batch)."""
+    import numpy as np
+    fixed = fixed_batch(sess)
+    step = fixed or max(1, int(batch))
+    n = len(next(iter(feed.values())))
+    for i in range(0, n, step):
+        part = {k: v[i:i + step] for k, v in feed.items()}
+        rows = len(next(iter(part.values())))
+        if fixed and rows < fixed:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], fixed - rows, axis=0)]) for k, v in part.items()}
+        out = sess.run(names, part)
+        if fixed and rows < fixed and trim:
+            out = [o[:rows] if o.ndim and o.shape[0] == fixed else o for o in out]
+        yield i, rows, out

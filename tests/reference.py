@@ -114,13 +114,19 @@ def adc(s, lo, hi, bits):
 
 
 def pim_conv(x, w, b, calib, *, stride=(1, 1), pad=(0, 0, 0, 0), dil=(1, 1), group=1, scheme="differential",
-             weight_bits=8, input_bits=8, cell_bits=0, array_rows=128, tile_mode="channel", adc_bits=8, adc_on=True):
-    """Reference output of one Conv layer mapped by the given configuration."""
+             weight_bits=8, input_bits=8, cell_bits=0, array_rows=128, tile_mode="channel", adc_bits=8, adc_on=True,
+             adc_range="full"):
+    """Reference output of one Conv layer mapped by the given configuration.  ``adc_range``:
+    "full" (worst case over the input range) or "calibrated" (min/max of each column's
+    partial sums over all input planes of the calibration data, widened to include 0)."""
     cout, cin_g, kh, kw = w.shape
     cout_g = cout // group
     qx, sx, signed = quant_input(x, calib, input_bits)
     qw, sw = quant_weight(w, weight_bits)
     cols, OH, OW = im2col(qx, kh, kw, stride, pad, dil)
+    qc = np.clip(np.round(calib.astype(F32) / sx), *((-(2 ** (input_bits - 1)), 2 ** (input_bits - 1) - 1) if signed
+                                                       else (0, 2 ** input_bits - 1))).astype(np.int64)
+    ccols, _, _ = im2col(qc, kh, kw, stride, pad, dil)
     B = x.shape[0]
     acc = np.zeros((B, OH * OW, cout), np.float64)
     bit_serial = scheme.startswith("bit-serial")
@@ -129,15 +135,21 @@ def pim_conv(x, w, b, calib, *, stride=(1, 1), pad=(0, 0, 0, 0), dil=(1, 1), gro
     K = cin_g * kh * kw
     for g in range(group):
         xg = cols[:, :, g * K:(g + 1) * K]
+        cg = ccols[:, :, g * K:(g + 1) * K]
         for o in range(g * cout_g, (g + 1) * cout_g):
             for wc, cells in weight_cells(qw[o], weight_bits, cell_bits, differential):
                 for rows in tiles:
                     wt = cells[rows]
+                    if adc_range == "calibrated":
+                        sc = [plane @ wt for _, plane, _ in input_planes(cg[:, :, rows], input_bits, signed, bit_serial)]
+                        smin = min(0.0, min(float(v.min()) for v in sc))
+                        smax = max(0.0, max(float(v.max()) for v in sc))
                     for pc, plane, (lo, hi) in input_planes(xg[:, :, rows], input_bits, signed, bit_serial):
                         s = plane @ wt
                         if adc_on:
-                            smax = float(np.sum(np.maximum(wt * lo, wt * hi)))
-                            smin = float(np.sum(np.minimum(wt * lo, wt * hi)))
+                            if adc_range == "full":
+                                smax = float(np.sum(np.maximum(wt * lo, wt * hi)))
+                                smin = float(np.sum(np.minimum(wt * lo, wt * hi)))
                             s = adc(s, smin, smax, adc_bits)
                         acc[:, :, o] += pc * wc * s
     y = acc * float(sx) * sw.astype(np.float64)[None, None, :]

@@ -35,7 +35,7 @@ def test_fold_bn_output_keeps_weights_unfolded_in_arrays(tmp_path):
     m = conv_model(w, None, bn=_bn(4))
     x = RNG.standard_normal((4, 3, 6, 6)).astype(np.float32)
     np.save(tmp_path / "c.npy", x)
-    kw = dict(scheme="bit-serial", cell_bits=1, adc_bits=8, calib_data=str(tmp_path / "c.npy"))  # lossless
+    kw = dict(scheme="bit-serial", cell_bits=1, adc_bits=8, adc_range="full", calib_data=str(tmp_path / "c.npy"))  # lossless
     out = pimc.compile_model(m, fold_bn="output", **kw)
     wts = pimc.compile_model(m, fold_bn="weights", **kw)
     # output folding quantizes the raw conv weights; weight folding the BN-scaled ones
@@ -181,7 +181,7 @@ def test_calibrated_adc_range_is_narrower_and_recorded(tmp_path):
     w = RNG.standard_normal((8, 16, 3, 3)).astype(np.float32)
     m = conv_model(w, None, pad=(1, 1, 1, 1))
     np.save(tmp_path / "c.npy", np.abs(RNG.standard_normal((8, 16, 6, 6))).astype(np.float32))
-    full = pimc.compile_model(m, scheme="differential", adc_bits=5, calib_data=str(tmp_path / "c.npy"))
+    full = pimc.compile_model(m, scheme="differential", adc_bits=5, adc_range="full", calib_data=str(tmp_path / "c.npy"))
     cal = pimc.compile_model(m, scheme="differential", adc_bits=5, adc_range="calibrated", calib_data=str(tmp_path / "c.npy"))
     a_full, a_cal = full.pim.layers["conv"].adc, cal.pim.layers["conv"].adc
     assert np.all(a_cal.scale <= a_full.scale) and np.any(a_cal.scale < a_full.scale)
@@ -190,6 +190,24 @@ def test_calibrated_adc_range_is_narrower_and_recorded(tmp_path):
     dig = run(pimc.compile_model(m, scheme="digital", calib_data=str(tmp_path / "c.npy")).model, x)
     # calibrated ranges track the digital result more closely than worst-case ranges
     assert np.abs(run(cal.model, x) - dig).mean() < np.abs(run(full.model, x) - dig).mean()
+
+
+def test_adc_range_default_is_calibrated_with_real_data_else_full(tmp_path, capsys):
+    w = RNG.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    m = conv_model(w, None, pad=(1, 1, 1, 1))
+    np.save(tmp_path / "c.npy", np.abs(RNG.standard_normal((8, 16, 6, 6))).astype(np.float32))
+    real = pimc.compile_model(m, scheme="differential", adc_bits=5, calib_data=str(tmp_path / "c.npy"))
+    explicit = pimc.compile_model(m, scheme="differential", adc_bits=5, adc_range="calibrated",
+                                  calib_data=str(tmp_path / "c.npy"))
+    assert real.mapping["layers"][0]["adc"]["range"] == "calibrated" == real.pim.config.adc_range
+    assert np.array_equal(real.pim.layers["conv"].adc.scale, explicit.pim.layers["conv"].adc.scale)
+    capsys.readouterr()
+    synthetic = pimc.compile_model(conv_model(w, None, pad=(1, 1, 1, 1), in_shape=["N", 16, 6, 6]),
+                                   scheme="differential", adc_bits=5)
+    assert synthetic.mapping["layers"][0]["adc"]["range"] == "full" == synthetic.pim.config.adc_range
+    assert "ADC ranges use the full worst-case range" in capsys.readouterr().err
+    # the float and digital schemes have no ADC: auto never asks them for a calibrated range
+    assert pimc.compile_model(m, scheme="float", calib_data=str(tmp_path / "c.npy")).pim.config.adc_range == "full"
 
 
 def test_opset_conversion_up_and_down():

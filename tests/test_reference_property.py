@@ -29,7 +29,7 @@ def conv_cases(draw):
     mag = wb - 1 if scheme.endswith("differential") else wb
     cfg = dict(scheme=scheme, weight_bits=wb, input_bits=draw(st.integers(1, 5)),
                cell_bits=draw(st.integers(0, mag)), tile_mode=draw(st.sampled_from(["channel", "row"])),
-               adc_bits=draw(st.integers(2, 8)))
+               adc_bits=draw(st.integers(2, 8)), adc_range=draw(st.sampled_from(["full", "calibrated"])))
     cfg["array_rows"] = draw(st.integers(kh * kw if cfg["tile_mode"] == "channel" else 1, 40))
     signed_input = draw(st.booleans())
     seed = draw(st.integers(0, 2 ** 16))
@@ -69,7 +69,7 @@ def test_lossless_adc_equals_digital_exactly(tmp_path, c):
     w, b, x, calib = _data(c)
     np.save(tmp_path / "calib.npy", calib)
     m = conv_model(w, b, stride=c["stride"], pad=c["pad"], dil=c["dil"], group=c["group"])
-    cfg = dict(c["cfg"], adc_bits=16)   # enough levels for every partial sum of these sizes
+    cfg = dict(c["cfg"], adc_bits=16, adc_range="full")   # enough levels for every partial sum of these sizes
     pim = pimc.compile_model(m, calib_data=str(tmp_path / "calib.npy"), **cfg)
     dig = pimc.compile_model(m, calib_data=str(tmp_path / "calib.npy"), scheme="digital",
                              weight_bits=cfg["weight_bits"], input_bits=cfg["input_bits"])
@@ -80,7 +80,8 @@ def test_lossless_adc_equals_digital_exactly(tmp_path, c):
 
 @pytest.mark.parametrize("scheme", PIM_SCHEMES)
 @pytest.mark.parametrize("kind", ["gemm", "gemm_transb", "matmul"])
-def test_fc_layers_match_reference(tmp_path, scheme, kind):
+@pytest.mark.parametrize("adc_range", ["full", "calibrated"])
+def test_fc_layers_match_reference(tmp_path, scheme, kind, adc_range):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((37, 6)).astype(np.float32)
     b = rng.standard_normal(6).astype(np.float32) if kind != "matmul" else None
@@ -89,7 +90,7 @@ def test_fc_layers_match_reference(tmp_path, scheme, kind):
     np.save(tmp_path / "c.npy", calib)
     m = gemm_model(w, b, matmul=kind == "matmul", trans_b=kind == "gemm_transb")
     cfg = dict(scheme=scheme, weight_bits=4, input_bits=4, cell_bits=2 if scheme != "native" else 0,
-               array_rows=16, adc_bits=5)
+               array_rows=16, adc_bits=5, adc_range=adc_range)
     res = pimc.compile_model(m, calib_data=str(tmp_path / "c.npy"), **cfg)
     y = run(res.model, x)
     ref = pim_conv(x[:, :, None, None], w.T[:, :, None, None], b, calib[:, :, None, None], **cfg)[:, :, 0, 0]

@@ -19,7 +19,7 @@ DIGIT_ARGS = ["--scale", "0.0625", "--limit", "60", "--calib-samples", "64"]
 
 def test_conversions_counted_from_tensors_match_the_mapping_and_lossless_layers_are_exact(digits):
     model, data = digits
-    cfg = build_config(scheme="bit-serial", cell_bits=1, adc_bits=8, calib_samples=64)   # lossless ADC
+    cfg = build_config(scheme="bit-serial", cell_bits=1, adc_bits=8, adc_range="full", calib_samples=64)   # lossless ADC
     r = evaluate(model, data, cfg, prep=PREP, limit=40, stats_images=16)
     assert r["results"]["ideal_pim"]["correct_top1"] == r["results"]["digital"]["correct_top1"]
     from pimc.pipeline import compile_model

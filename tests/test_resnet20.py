@@ -56,7 +56,7 @@ def test_lossless_pim_equals_digital_exactly(data):
     kw = dict(weight_bits=8, input_bits=8, calib_data=data["calib"])
     dig = pimc.compile_model(str(data["models"]["legacy"]), scheme="digital", **kw)
     pim = pimc.compile_model(str(data["models"]["legacy"]), scheme="bit-serial", cell_bits=1, array_rows=128,
-                             adc_bits=8, **kw)
+                             adc_bits=8, adc_range="full", **kw)
     for L in pim.mapping["layers"]:
         assert L["adc"]["lossless_columns"] == L["adc"]["columns"], L["name"]
     x = data["x"][:128]
