@@ -85,14 +85,14 @@ class ImportModel(Transformation):
         return model, len(g.nodes) != n_before
 
 
-_SAID: set[str] = set()
+_SAID: set[tuple[str, str]] = set()
 
 
 def import_graph(proto: onnx.ModelProto, source: str) -> tuple[gs.Graph, int, int | None, str | None]:
     """(graph, opset, fixed batch or None, note or None); the note is printed once per process."""
     proto, opset, fixed_batch, note = normalise_proto(proto, source)
-    if note and note not in _SAID:
-        _SAID.add(note)
+    if note and (source, note) not in _SAID:
+        _SAID.add((source, note))
         print(f"pimc: note: '{source}': {note}", file=sys.stderr)
     gs_log = logging.getLogger("onnx_graphsurgeon")
     gs_log.setLevel(logging.ERROR)

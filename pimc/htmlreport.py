@@ -35,6 +35,20 @@ def _plt():
 
 
 def plot_chips(report: dict, path: Path) -> None:
+    _save(figure_chips(report), path, dpi=110)
+
+
+def _save(fig, path, dpi: int) -> None:
+    """Save a figure (tight bounding box: legends outside the axes stay in) and close it."""
+    plt = _plt()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def figure_chips(report: dict):
+    """Accuracy per chip instance: bars per chip, lines for the baselines, legend below the axes."""
     plt = _plt()
     res = report["results"]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -57,8 +71,7 @@ def plot_chips(report: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     ax.set_title("Accuracy per chip instance")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def _variants(report):
@@ -85,6 +98,11 @@ def plot_sqnr(report: dict, path: Path) -> None:
 
 
 def plot_histograms(report: dict, path: Path) -> None:
+    _save(figure_histograms(report), path, dpi=100)
+
+
+def figure_histograms(report: dict):
+    """ADC code usage per layer: a grid of log-scale histograms with one legend."""
     plt = _plt()
     layers = [r for r in report["layers"] if any("code_hist" in r[v] for v in _variants(report))]
     n = len(layers)
@@ -114,11 +132,15 @@ def plot_histograms(report: dict, path: Path) -> None:
     if handles:   # one legend for the whole grid, under the title
         fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles), fontsize=9,
                    frameon=False, bbox_to_anchor=(0.5, 1 - 0.35 / (2.6 * rows + 0.8)))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def plot_sweep(result: dict, path) -> None:
+    _save(figure_sweep(result), path, dpi=110)
+
+
+def figure_sweep(result: dict):
+    """Accuracy against ADC bits (integer ticks), one colour per scheme, legend beside the axes."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     others = [k for k in result["axes"] if k not in ("scheme", "adc_bits")]
@@ -149,10 +171,7 @@ def plot_sweep(result: dict, path) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_title(f"Accuracy vs ADC resolution ({result['data']['images']} images)")
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
 
 
 def _table(headers, rows) -> str:
