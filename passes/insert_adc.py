@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from pimc.calibration import run_with_probes
+from pimc.core import names as N
 from pimc.lowering import array_weights, chunk_columns, emit_layer, tile_classes
 from pimc.mapping import AdcPlan, LayerPlan
 from pimc.model import PimModel
@@ -55,16 +56,16 @@ class InsertAdc(Transformation):
         if cfg.adc_range == "calibrated" and plans:
             def probes(proto: onnx.ModelProto):
                 names = []
-                axes = onnx.helper.make_tensor("pimc_probe/axes", onnx.TensorProto.INT64, [3], [0, 2, 3])
+                axes = onnx.helper.make_tensor(N.probe("axes"), onnx.TensorProto.INT64, [3], [0, 2, 3])
                 proto.graph.initializer.append(axes)
                 for i, p in enumerate(plans):
                     chunks = p.chunks or tile_classes(p, 0, p.n_slices)
                     for ci in range(len(chunks)):
-                        src = f"{p.name}/pimc/array_mac{'_%d' % ci if len(chunks) > 1 else ''}:0"
+                        src = N.output(p.name, N.ARRAY_MAC, N.chunk_suffix(ci, len(chunks)))
                         for op in ("ReduceMin", "ReduceMax"):
-                            o = f"pimc_probe/{i}/{ci}/{op}"
+                            o = N.probe(i, ci, op)
                             if model.opset >= 18:
-                                proto.graph.node.append(onnx.helper.make_node(op, [src, "pimc_probe/axes"], [o], keepdims=0))
+                                proto.graph.node.append(onnx.helper.make_node(op, [src, N.probe("axes")], [o], keepdims=0))
                             else:
                                 proto.graph.node.append(onnx.helper.make_node(op, [src], [o], keepdims=0, axes=[0, 2, 3]))
                             names.append(o)

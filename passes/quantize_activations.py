@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from pimc.calibration import run_with_probes
+from pimc.core import names as N
 from pimc.lowering import emit_layer
 from pimc.mapping import InputQuant
 from pimc.model import PimModel
@@ -68,11 +69,11 @@ class QuantizeActivations(Transformation):
                 names = []
                 for i, p in enumerate(todo):
                     for op in ("ReduceMin", "ReduceMax"):
-                        o = f"pimc_probe/{i}/{op}"
+                        o = N.probe(i, op)
                         proto.graph.node.append(onnx.helper.make_node(op, [p.x.name], [o], keepdims=0))
                         names.append(o)
                 for i, p in enumerate(plans):
-                    o = f"pimc_probe/{i}/shape"
+                    o = N.probe(i, "shape")
                     proto.graph.node.append(onnx.helper.make_node("Shape", [p.x.name], [o + "_i"]))
                     proto.graph.node.append(onnx.helper.make_node("Cast", [o + "_i"], [o], to=onnx.TensorProto.FLOAT))
                     names.append(o)

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .core import names as N
 from .errors import PimcError
 
 
@@ -40,7 +41,7 @@ def _dataflow_order(model: onnx.ModelProto, layers: list[dict]) -> list[dict]:
     from .mapping import layer_graph
     g = layer_graph(model)
     pos = {n: i for i, n in enumerate(nx.topological_sort(g))}
-    return sorted(layers, key=lambda L: pos.get(f"{L['name']}/pimc/dequantize", 0))
+    return sorted(layers, key=lambda L: pos.get(N.node(L["name"], N.DEQUANTIZE), 0))
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -100,11 +101,10 @@ def calibrate_bn(model: onnx.ModelProto, chip, x: np.ndarray, *, batch: int = 64
     by_name = {L["name"]: L for L in mapping["layers"]}
     per_layer = []
     for k, L in enumerate(_dataflow_order(out, layers)):
-        prefix = f"{L['name']}/pimc/"
-        deq = nodes.get(prefix + "dequantize")
-        if deq is None or prefix + "out_bias" not in inits:
+        deq = nodes.get(N.node(L["name"], N.DEQUANTIZE))
+        if deq is None or N.tensor(L["name"], N.OUT_BIAS) not in inits:
             raise PimcError(f"'{source}': layer '{L['name']}' has no output affine "
-                            f"({prefix}dequantize / out_bias); recompile it with this pimc version")
+                            f"({N.node(L['name'], N.DEQUANTIZE)} / {N.OUT_BIAS}); recompile it with this pimc version")
         st = L["bn_stats"]
         gamma, beta, eps = (np.asarray(st["gamma"]), np.asarray(st["beta"]), float(st["eps"]))
         bias = np.asarray(st["bias"])
@@ -119,7 +119,7 @@ def calibrate_bn(model: onnx.ModelProto, chip, x: np.ndarray, *, batch: int = 64
         t = (beta - mean * s.astype(np.float64)).astype(np.float32)
         out_scale = (w_deq * s).astype(np.float32)
         shift = (bias.astype(np.float32) * s + t).astype(np.float32)
-        for name, v in ((prefix + "out_scale", out_scale), (prefix + "out_bias", shift)):
+        for name, v in ((N.tensor(L["name"], N.OUT_SCALE), out_scale), (N.tensor(L["name"], N.OUT_BIAS), shift)):
             old = inits[name]
             old.CopyFrom(numpy_helper.from_array(v.reshape(numpy_helper.to_array(old).shape), name))
         old_mean, old_var = np.asarray(st["mean"]), np.asarray(st["var"])

@@ -24,32 +24,41 @@ import onnx
 from onnx import numpy_helper
 
 from .bncal import input_name, with_outputs
-
-ADC_NODE_TYPES = {"AdcQuantize", "AdcRecombine", "AdcQuantizeNonIdeal", "AdcRecombineNonIdeal"}
+from .core import names as N
 
 
 def adc_nodes(model: onnx.ModelProto, mapping: dict) -> dict[str, list[dict]]:
-    """Per layer name: its ADC nodes' partial-sum tensor and constant parameters."""
+    """Per layer name: its ADC nodes' partial-sum tensor and constant parameters
+    (found by name: one ADC node per chunk of the layer's columns)."""
     inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
     const = lambda n: numpy_helper.to_array(inits[n]).astype(np.float32) if n in inits else None
     out: dict[str, list[dict]] = {}
-    for n in model.graph.node:
-        if n.domain != "ai.pimc" or n.op_type not in ADC_NODE_TYPES or "/pimc/adc" not in n.name:
+    for L in mapping["layers"]:
+        if "adc" not in L:
             continue
-        layer = n.name.split("/pimc/adc")[0]
-        bits = next(a.i for a in n.attribute if a.name == "bits")
-        nonideal = n.op_type.endswith("NonIdeal")
-        out.setdefault(layer, []).append({
-            "s": n.input[0], "bits": bits, "scale": const(n.input[1]), "zero_point": const(n.input[2]),
-            "gain": const(n.input[3]) if nonideal else None, "offset": const(n.input[4]) if nonideal else None})
+        for chunk in L.get("chunks") or [{"suffix": ""}]:
+            n = nodes.get(N.node(L["name"], N.ADC, chunk["suffix"]))
+            if n is None or not N.is_adc(n):
+                continue
+            nonideal = n.op_type not in N.NONIDEAL_OP
+            out.setdefault(L["name"], []).append({
+                "s": n.input[0], "bits": L["adc"]["bits"], "scale": const(n.input[1]), "zero_point": const(n.input[2]),
+                "gain": const(n.input[3]) if nonideal else None, "offset": const(n.input[4]) if nonideal else None,
+                "lut": const(n.input[5]) if nonideal else None})
     return out
 
 
 def _codes(s: np.ndarray, a: dict) -> np.ndarray:
-    w = s / a["scale"]
-    if a["gain"] is not None:
-        w = a["gain"] * w + a["offset"]
-    return np.round(w + a["zero_point"])
+    """Noise-free output codes before clipping: the ADC formula of runtime.ops without
+    noise and clip (gain, offset and the transfer curve on a chip)."""
+    from pimc.runtime.ops import transfer_np
+    w = (s / a["scale"]).astype(np.float32)
+    if a["gain"] is None:
+        return np.round(w + a["zero_point"])
+    w = (a["gain"] * w + a["offset"] + a["zero_point"]).astype(np.float32)
+    lut = a["lut"]
+    return np.round(transfer_np(w, lut) if lut is not None and lut.shape[0] >= 2 else w)
 
 
 def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x: np.ndarray,

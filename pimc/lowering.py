@@ -23,22 +23,24 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .core import names as N
+from .core.names import DOMAIN
 from .mapping import LayerPlan, column_indices
-from pimc.runtime.ops import DOMAIN
 
 
 class _Emitter:
     def __init__(self, plan: LayerPlan):
         self.plan = plan
-        self.prefix = f"{plan.name}/pimc/"
         self.nodes: list[gs.Node] = []
 
-    def const(self, name: str, value) -> gs.Constant:
-        return gs.Constant(self.prefix + name, np.ascontiguousarray(value))
+    def const(self, role: str, value, suffix: str = "") -> gs.Constant:
+        return gs.Constant(N.tensor(self.plan.name, role, suffix), np.ascontiguousarray(value))
 
-    def op(self, op: str, inputs, name: str, attrs=None, domain: str | None = None, out=None) -> gs.Variable:
-        y = out if out is not None else gs.Variable(self.prefix + name + ":0")
-        node = gs.Node(op=op, name=self.prefix + name, inputs=list(inputs), outputs=[y], attrs=dict(attrs or {}))
+    def op(self, op: str, inputs, role: str, attrs=None, domain: str | None = None, out=None,
+           suffix: str = "") -> gs.Variable:
+        y = out if out is not None else gs.Variable(N.output(self.plan.name, role, suffix))
+        node = gs.Node(op=op, name=N.node(self.plan.name, role, suffix), inputs=list(inputs), outputs=[y],
+                       attrs=dict(attrs or {}))
         if domain:
             node.domain = domain
         self.nodes.append(node)
@@ -109,10 +111,10 @@ def _build(em: _Emitter, p: LayerPlan) -> None:
         out_scale = (np.float32(iq.scale) * wq.scale.astype(np.float32) * scale).astype(np.float32)
         # a kept BatchNorm always gets its Add, so that calibrate-bn can rewrite the shift
         has_shift = shift is not None and (p.bn_stats is not None or bool(np.any(shift != 0)))
-        y = em.op("Mul", [acc, em.const("out_scale", out_scale.reshape(1, -1, 1, 1))], "dequantize",
+        y = em.op("Mul", [acc, em.const(N.OUT_SCALE, out_scale.reshape(1, -1, 1, 1))], N.DEQUANTIZE,
                   out=None if has_shift else final)
         if has_shift:
-            y = em.op("Add", [y, em.const("out_bias", shift.reshape(1, -1, 1, 1))], "bias", out=final)
+            y = em.op("Add", [y, em.const(N.OUT_BIAS, shift.reshape(1, -1, 1, 1))], "bias", out=final)
 
     if p.kind == "fc":
         lead = em.op("Shape", [p.x], "lead_shape", {"start": 0, "end": -1})
@@ -144,7 +146,7 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
     padded = None
     parts = []
     for ci, (t0, t1, s0, s1) in enumerate(chunks):
-        sfx = f"_{ci}" if len(chunks) > 1 else ""
+        sfx = N.chunk_suffix(ci, len(chunks))
         # channels the chunk's tiles read: local channel c of group gi is gi*cin_g + c;
         # padding slots read an appended zero channel (index Cin)
         width = chunk_width(p, t0, t1)
@@ -158,25 +160,25 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
                     padded = em.op("Pad", [h, em.const("pad_channel", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))],
                                    "pad_channel")
                 src = padded
-            hin = em.op("Gather", [src, em.const("tile_channels" + sfx, idx)], "tile_gather" + sfx, {"axis": 1})
+            hin = em.op("Gather", [src, em.const("tile_channels", idx, sfx)], "tile_gather", {"axis": 1}, suffix=sfx)
         w = weights[:, t0:t1, s0:s1, :, :width].reshape(-1, width, kh, kw)
-        a = em.op("Conv", [hin, em.const("array_weight" + sfx, np.ascontiguousarray(w))], "array_mac" + sfx,
-                  em.conv_attrs(g * (t1 - t0)))
+        a = em.op(N.ARRAY_MAC_OP, [hin, em.const(N.ARRAY_WEIGHT, np.ascontiguousarray(w), sfx)], N.ARRAY_MAC,
+                  em.conv_attrs(g * (t1 - t0)), suffix=sfx)
         c = coef[:, s0:s1]
         recombine = not (P == 1 and (s1 - s0) == 1 and (t1 - t0) == 1 and c[0, 0] == 1)
         rattrs = {"planes": P, "groups": g, "tiles": t1 - t0, "slices": s1 - s0}
         if p.adc is not None:
             cols = chunk_columns(p, (t0, t1, s0, s1))
-            adc_in = [a, em.const("adc_scale" + sfx, p.adc.scale[cols].astype(np.float32).reshape(1, -1, 1, 1)),
-                      em.const("adc_zero_point" + sfx, p.adc.zero_point[cols].astype(np.float32).reshape(1, -1, 1, 1))]
+            adc_in = [a, em.const(N.ADC_SCALE, p.adc.scale[cols].astype(np.float32).reshape(1, -1, 1, 1), sfx),
+                      em.const(N.ADC_ZERO_POINT, p.adc.zero_point[cols].astype(np.float32).reshape(1, -1, 1, 1), sfx)]
             if recombine:   # conversion and recombination fused: the partial sums are read once
-                parts.append(em.op("AdcRecombine", adc_in + [em.const("recombine_coef" + sfx, np.ascontiguousarray(c))],
-                                   "adc" + sfx, {"bits": p.adc.bits, **rattrs}, DOMAIN))
+                parts.append(em.op("AdcRecombine", adc_in + [em.const("recombine_coef", np.ascontiguousarray(c), sfx)],
+                                   N.ADC, {"bits": p.adc.bits, **rattrs}, DOMAIN, suffix=sfx))
                 continue
-            a = em.op("AdcQuantize", adc_in, "adc" + sfx, {"bits": p.adc.bits}, DOMAIN)
+            a = em.op("AdcQuantize", adc_in, N.ADC, {"bits": p.adc.bits}, DOMAIN, suffix=sfx)
         if recombine:
-            parts.append(em.op("Recombine", [a, em.const("recombine_coef" + sfx, np.ascontiguousarray(c))],
-                               "recombine" + sfx, rattrs, DOMAIN))
+            parts.append(em.op("Recombine", [a, em.const("recombine_coef", np.ascontiguousarray(c), sfx)],
+                               "recombine", rattrs, DOMAIN, suffix=sfx))
         else:
             parts.append(a)   # one column per output channel already
     if len(parts) == 1:

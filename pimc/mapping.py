@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
+from .core import names as N
+
 
 @dataclass
 class InputQuant:
@@ -197,7 +199,7 @@ class LayerPlan:
         if self.weight_quant:
             wq = self.weight_quant
             rec["weight_quant"] = {"bits": wq.bits, "granularity": "column",
-                                   "scale_tensor": f"{self.name}/pimc/out_scale",
+                                   "scale_tensor": N.tensor(self.name, N.OUT_SCALE),
                                    "scales": [float(v) for v in wq.scale]}
         if self.tiling:
             tp = self.tiling
@@ -219,12 +221,12 @@ class LayerPlan:
                               "column_order": ["group", "tile", "slice", "out_channel"]}
         if self.chunks:
             rec["chunks"] = [{"tiles": [c[0], c[1]], "slices": [c[2], c[3]],
-                              "suffix": f"_{i}" if len(self.chunks) > 1 else ""} for i, c in enumerate(self.chunks)]
+                              "suffix": N.chunk_suffix(i, len(self.chunks))} for i, c in enumerate(self.chunks)]
         if self.adc:
             ad = self.adc
             rec["adc"] = {"bits": ad.bits, "range": ad.range, "columns": self.n_columns,
-                          "scale_tensor": f"{self.name}/pimc/adc_scale<suffix>",
-                          "zero_point_tensor": f"{self.name}/pimc/adc_zero_point<suffix>",
+                          "scale_tensor": N.tensor(self.name, N.ADC_SCALE, "<suffix>"),
+                          "zero_point_tensor": N.tensor(self.name, N.ADC_ZERO_POINT, "<suffix>"),
                           "lossless_columns": int(np.sum((ad.scale == 1.0) & (ad.s_max - ad.s_min + 1 <= 2 ** ad.bits)))}
         if self.tiling:
             sp = self.out_spatial()

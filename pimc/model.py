@@ -17,7 +17,8 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .config import CompileConfig
 from .mapping import LayerPlan
-from pimc.runtime.ops import DOMAIN, DOMAIN_VERSION, function_protos
+from .core.names import DOMAIN, DOMAIN_VERSION
+from pimc.runtime.ops import function_protos
 
 IR_VERSION_MAX = 10  # onnxruntime 1.20+ reads IR 10; models written by pimc use it
 

@@ -72,7 +72,8 @@ def refuse_compiled(proto: onnx.ModelProto, source: str, command: str) -> None:
     """A one-line error when ``proto`` is already a pimc PIM IR: compiling it again would
     map the IR's own array ops a second time and report wrong figures."""
     meta = {p.key: p.value for p in proto.metadata_props}
-    if "pimc.mapping" not in meta and not any(o.domain == "ai.pimc" for o in proto.opset_import):
+    from .core.names import DOMAIN
+    if "pimc.mapping" not in meta and not any(o.domain == DOMAIN for o in proto.opset_import):
         return
     try:
         import json

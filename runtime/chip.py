@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from pimc.core import names as N
 from pimc.errors import PimcError
 from .ops import DOMAIN, function_protos, mix32
 
@@ -198,32 +199,30 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
         kh, kw = L["kernel"]
         cell_theta = (cell_rng.normal(0.0, chip.device_sigma_cell, (ncols, m, kh, kw))
                       if chip.device_sigma_cell > 0 else None)
-        prefix = f"{L['name']}/pimc/"
         for ci, chunk in enumerate(chunks):
             sfx = chunk["suffix"]
             cols = _chunk_cols(L, chunk)
             if chip.device_sigma_cell > 0 or chip.device_sigma_chip > 0:
-                t = inits[prefix + "array_weight" + sfx]
+                t = inits[N.tensor(L["name"], N.ARRAY_WEIGHT, sfx)]
                 w = numpy_helper.to_array(t).astype(np.float64)
                 factor = np.exp(theta + (cell_theta[cols][:, :w.shape[1]] if cell_theta is not None else 0.0))
                 t.CopyFrom(numpy_helper.from_array((w * factor).astype(np.float32), t.name))
             if chip.adc != "nonideal":
                 continue
-            node = nodes.get(prefix + "adc" + sfx)
-            if node is None or node.op_type not in ("AdcQuantize", "AdcRecombine"):
-                raise PimcError(f"'{source}': layer '{L['name']}' has no AdcQuantize node '{prefix}adc{sfx}'; "
+            node = nodes.get(N.node(L["name"], N.ADC, sfx))
+            if node is None or node.op_type not in N.NONIDEAL_OP:
+                raise PimcError(f"'{source}': layer '{L['name']}' has no ideal ADC node '{N.node(L['name'], N.ADC, sfx)}'; "
                                 f"recompile it with this pimc version")
             if bits not in luts:
-                luts[bits] = f"pimc/chip/lut{bits}"
+                luts[bits] = N.chip_lut(bits)
                 out.graph.initializer.append(numpy_helper.from_array(transfer_lut(chip, bits), luts[bits]))
-            g_name, o_name = prefix + "chip_gain" + sfx, prefix + "chip_offset" + sfx
+            g_name, o_name = N.tensor(L["name"], N.CHIP_GAIN, sfx), N.tensor(L["name"], N.CHIP_OFFSET, sfx)
             out.graph.initializer.extend([
                 numpy_helper.from_array(gain[cols].reshape(1, -1, 1, 1), g_name),
                 numpy_helper.from_array(offset[cols].reshape(1, -1, 1, 1), o_name)])
             seed = int(mix32(np.int64(chip.chip_seed) * 1000003 + li * 7919 + ci * 104729)) & 0x7FFFFFFF
-            fused = node.op_type == "AdcRecombine"
             extra = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "bits"}
-            new = helper.make_node("AdcRecombineNonIdeal" if fused else "AdcQuantizeNonIdeal",
+            new = helper.make_node(N.NONIDEAL_OP[node.op_type],
                                    [*node.input[:3], g_name, o_name, luts[bits], *node.input[3:]],
                                    list(node.output), name=node.name, domain=DOMAIN, bits=bits,
                                    noise_sigma=float(chip.noise_sigma), seed=seed, **extra)

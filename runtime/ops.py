@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 import onnx.parser
 
-DOMAIN = "ai.pimc"
-DOMAIN_VERSION = 1
+from pimc.core.names import DOMAIN, DOMAIN_VERSION  # noqa: E402  (re-exported)
 BODY_OPSET = 17  # opset of the standard ops used inside the function bodies
 
 

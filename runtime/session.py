@@ -6,6 +6,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from pimc.core import names as N
 from pimc.errors import PimcError
 
 ort.set_default_logger_severity(3)
@@ -19,7 +20,6 @@ EXACTNESS_DISABLED_OPTIMIZERS = ("ConvMulFusion", "ConvAddFusion", "ConvBNFusion
 # The array convolutions of a PIM model feed pimc's ADC ops, which read NCHW:
 # onnxruntime's blocked (NCHWc) convolution then needs a reorder of its large
 # output, and measured 10-15 % slower overall on ResNet-20 than the plain path.
-ARRAY_OPS = {"AdcQuantize", "AdcRecombine", "AdcQuantizeNonIdeal", "AdcRecombineNonIdeal", "Recombine"}
 
 
 def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int = 0,
@@ -34,7 +34,7 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
     (``native`` None), must (True), or never (False: the function bodies).
     The Conv-affine fusions in ``EXACTNESS_DISABLED_OPTIMIZERS`` are disabled
     (see there), and for PIM models the blocked-layout transformer (see
-    ``ARRAY_OPS``); a plain onnxruntime session runs the same model with
+    ``names.ARRAY_READER_OPS``); a plain onnxruntime session runs the same model with
     results equal up to float rounding.
     """
     from .chip import CHIP_PRESETS, ChipConfig, build_chip_config, instantiate
@@ -65,7 +65,7 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
         elif native:
             raise PimcError("native kernels were requested but are unavailable (see the note above)")
     disabled = list(EXACTNESS_DISABLED_OPTIMIZERS)
-    if any(n.domain == "ai.pimc" and n.op_type in ARRAY_OPS for n in proto.graph.node):
+    if any(n.domain == N.DOMAIN and n.op_type in N.ARRAY_READER_OPS for n in proto.graph.node):
         disabled.append("NchwcTransformer")
     try:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],
