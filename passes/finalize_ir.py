@@ -20,7 +20,7 @@ class FinalizeIR(Transformation):
     exact = True
 
     def apply(self, model: PimModel):
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()   # checked as it will be written
         model.stage = "final"
         try:
             onnx.checker.check_model(model.to_onnx())

@@ -72,5 +72,4 @@ class FoldBatchNorm(Transformation):
             model.digital_ops = [d for d in model.digital_ops if d["node"] != bn.name]
             emit_layer(g, plan)
             changed = True
-        g.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, changed

@@ -81,7 +81,7 @@ class ImportModel(Transformation):
         g = model.graph
         n_before = len(g.nodes)
         logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
-        g.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+        g.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
         return model, len(g.nodes) != n_before
 
 

@@ -85,5 +85,4 @@ class InsertAdc(Transformation):
             p.adc = AdcPlan(bits=cfg.adc_bits, range=cfg.adc_range, scale=delta, zero_point=z,
                             s_min=s_min.astype(np.float32), s_max=s_max.astype(np.float32))
             emit_layer(model.graph, p)
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, bool(plans)

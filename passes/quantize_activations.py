@@ -98,5 +98,4 @@ class QuantizeActivations(Transformation):
                     p.in_spatial = shp[2:]
         for p in plans:
             emit_layer(model.graph, p)
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, bool(plans)

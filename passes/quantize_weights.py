@@ -36,5 +36,4 @@ class QuantizeWeights(Transformation):
             q, s = quantize_columns(p.weight, bits)
             p.weight_quant = WeightQuant(bits=bits, q=q, scale=s)
             emit_layer(model.graph, p)
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, bool(model.layers)

@@ -62,7 +62,6 @@ class SelectCrossbarLayers(Transformation):
             emit_layer(g, plan)
             model.layers[plan.name] = plan
             changed = True
-        g.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, changed
 
     # -- per op ---------------------------------------------------------------

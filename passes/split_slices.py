@@ -104,5 +104,4 @@ class SplitSlices(Transformation):
                                   bit_serial=cfg.bit_serial_inputs)
             p.chunks = plan_chunks(p, cfg.chunk_mib)
             emit_layer(model.graph, p)
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, bool(model.layers)

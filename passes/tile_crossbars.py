@@ -85,5 +85,4 @@ class TileCrossbars(Transformation):
         for p in model.layers.values():
             p.tiling = plan_tiles(p, cfg.array_rows, cfg.array_cols, cfg.tile_mode)
             emit_layer(model.graph, p)
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return model, bool(model.layers)
