@@ -90,7 +90,10 @@ def load_resnet20(path: str) -> ResNetCifar:
 
 
 def export_onnx(model: nn.Module, path: str, exporter: str = "legacy", opset: int = 17, input_hw=(32, 32),
-                static_batch: bool = False) -> None:
+                static_batch: bool = False, optimize: bool = True) -> None:
+    """``optimize`` (dynamo only): the exporter's graph optimisation, which folds each
+    BatchNorm into its Conv in float32; with False the BatchNorms stay for pimc to fold
+    (in float64, as for the legacy export)."""
     x = torch.zeros(1, 3, *input_hw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -105,7 +108,8 @@ def export_onnx(model: nn.Module, path: str, exporter: str = "legacy", opset: in
             try:
                 prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=max(opset, 18),
                                          input_names=["input"], output_names=["logits"],
-                                         dynamic_shapes=None if static_batch else {"x": {0: batch}})
+                                         dynamic_shapes=None if static_batch else {"x": {0: batch}},
+                                         optimize=optimize)
                 prog.save(path)
             finally:
                 sys.stdout = out
@@ -126,8 +130,10 @@ def main():
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy")
     ap.add_argument("--static-batch", action="store_true", help="fixed batch of 1 (no dynamic batch axis)")
+    ap.add_argument("--no-optimize", action="store_true", help="dynamo: keep the BatchNorms (optimize=False)")
     a = ap.parse_args()
-    export_onnx(load_resnet20(a.checkpoint), a.output, a.exporter, static_batch=a.static_batch)
+    export_onnx(load_resnet20(a.checkpoint), a.output, a.exporter, static_batch=a.static_batch,
+                optimize=not a.no_optimize)
     print(f"wrote {a.output}")
 
 

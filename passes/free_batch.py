@@ -6,7 +6,8 @@ on batches of many images and users run many images at once, so on import:
 
 * every graph input (and output) whose leading dimension is the static batch B
   gets the symbolic dimension ``batch``;
-* a ``Reshape`` whose constant target shape starts with B, applied to a tensor
+* a ``Reshape`` whose target shape (a constant, or one that constant folding at
+  batch B computes) starts with B, applied to a tensor
   whose leading dimension is B, copies the leading dimension instead (target
   ``0``; an ``allowzero`` flag, which only matters for 0 entries and so is
   dropped where the target has none): the same tensor at batch B, and row ``i`` stays sample ``i`` at any
@@ -63,6 +64,22 @@ def _const_values(model: onnx.ModelProto) -> dict[str, tuple[str, object]]:
     return out
 
 
+def _folded_reshape_targets(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Reshape node name -> its target shape, where constant folding at the fixed batch
+    computes it (``Concat`` of constants, ``Shape`` of a static tensor, ...)."""
+    import logging
+
+    import onnx_graphsurgeon as gs
+    logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+    try:
+        g = gs.import_onnx(model)
+        g.fold_constants(error_ok=True)
+    except Exception:  # folding is an optimisation here: without it nothing is rewritten
+        return {}
+    return {n.name: np.asarray(n.inputs[1].values) for n in g.nodes
+            if n.op == "Reshape" and n.name and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)}
+
+
 def _candidate(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with a symbolic batch; returns it and the Reshapes rewritten."""
     try:
@@ -78,13 +95,17 @@ def _candidate(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int
             dims[0].dim_param = BATCH_DIM
     del m.graph.value_info[:]
     consts = _const_values(m)
+    folded = _folded_reshape_targets(model)
     rewritten = 0
     for n in m.graph.node:
         if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
             continue
-        if n.input[1] not in consts:
+        if n.input[1] in consts:
+            target = numpy_helper.to_array(consts[n.input[1]][1])
+        elif n.name and n.name in folded:
+            target = folded[n.name]
+        else:
             continue
-        target = numpy_helper.to_array(consts[n.input[1]][1])
         data = shapes.get(n.input[0]) or []
         if target.ndim != 1 or not len(target) or int(target[0]) != batch or not data or data[0] != batch:
             continue

@@ -64,12 +64,29 @@ def normalise_proto(model: onnx.ModelProto, source: str = "<memory>") -> tuple[o
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise PimcError(f"'{source}': not a valid ONNX model: {str(e).splitlines()[0]}")
+    model = cast_like_to_cast(model)
     model, fixed_batch, note = free_batch(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
         raise PimcError(f"'{source}': shape inference failed: {str(e).splitlines()[0]}")
     return model, target, fixed_batch, note
+
+
+def cast_like_to_cast(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``CastLike(x, y)`` reads only y's element type: where that type is known, write
+    ``Cast(x, to=type)`` instead, so that constant x folds (the dynamo exporter with
+    ``optimize=False`` builds each Conv's zero bias as ``Expand(CastLike(0, input), ...)``,
+    which would otherwise keep the bias, and so the Conv, from being constant)."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    for n in model.graph.node:
+        if n.op_type == "CastLike" and n.domain in ("", "ai.onnx") and len(n.input) == 2 and n.input[1] in types:
+            cast = onnx.helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name, to=types[n.input[1]])
+            n.CopyFrom(cast)
+    return model
 
 
 class ImportModel(Transformation):
