@@ -162,14 +162,50 @@ def read_mapping(model: onnx.ModelProto, source: str = "model") -> dict:
     return json.loads(meta["pimc.mapping"])
 
 
-def _chunk_cols(L: dict, chunk: dict) -> np.ndarray:
+def record_chunk_columns(L: dict, chunk: dict) -> np.ndarray:
+    """Global column indices of a chunk of a layer, from its mapping record."""
     from pimc.mapping import column_indices
     return column_indices(L["group"], L["tiling"]["tiles_per_group"], len(L["slicing"]["weight_slices"]),
                           L["cout"] // L["group"], *chunk["tiles"], *chunk["slices"])
 
 
+@dataclass(frozen=True)
+class LayerDraw:
+    """One chip's static draws for one mapped layer (arrays, no graph): per array column
+    the ADC gain and offset (non-ideal ADC), the log conductance factor of every cell
+    (device variation; ``None`` without), and per chunk of columns the noise seed."""
+    gain: np.ndarray | None            # (columns,) float32
+    offset: np.ndarray | None          # (columns,) float32, LSB
+    log_factor: np.ndarray | float | None   # (columns, rows, kh, kw) float64 theta, a scalar, or None
+    noise_seeds: tuple[int, ...]       # one per chunk
+
+
+def draw_layer(chip: ChipConfig, layer_index: int, columns: int, cell_shape: tuple[int, int, int],
+               chunks: int) -> LayerDraw:
+    """The static draws of chip ``chip`` for the mapped layer ``layer_index`` (its position in the
+    mapping) with ``columns`` array columns of ``cell_shape`` = (rows per tile, kh, kw) cells each:
+    a pure function of its arguments (every draw from ``numpy.random.default_rng`` seeded by
+    ``[chip_seed, layer_index, ...]``).  ``instantiate`` writes these into the IR; training samples
+    chips through the same call."""
+    nonideal = chip.adc == "nonideal"
+    rng = np.random.default_rng([chip.chip_seed, layer_index])
+    gain = rng.normal(1.0, chip.gain_sigma, columns).astype(np.float32) if nonideal else None
+    offset = rng.normal(0.0, chip.offset_sigma, columns).astype(np.float32) if nonideal else None
+    theta = None
+    if chip.device_sigma_chip > 0:
+        theta = (np.random.default_rng([chip.chip_seed, layer_index, 1]) if chip.device_scope == "layer" else
+                 np.random.default_rng([chip.chip_seed, 2 ** 20])).normal(0.0, chip.device_sigma_chip)
+    if chip.device_sigma_cell > 0:
+        cell = np.random.default_rng([chip.chip_seed, layer_index, 2]).normal(0.0, chip.device_sigma_cell,
+                                                                               (columns, *cell_shape))
+        theta = cell if theta is None else theta + cell
+    seeds = tuple(int(mix32(np.int64(chip.chip_seed) * 1000003 + layer_index * 7919 + ci * 104729)) & 0x7FFFFFFF
+                  for ci in range(chunks))
+    return LayerDraw(gain=gain, offset=offset, log_factor=theta, noise_seeds=seeds)
+
+
 def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model") -> onnx.ModelProto:
-    """A copy of a compiled model with this chip's static draws and non-ideal ADC ops."""
+    """A copy of a compiled model with this chip's static draws (``draw_layer``) and non-ideal ADC ops."""
     mapping = read_mapping(model, source)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -177,35 +213,23 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
         return out
     inits = {t.name: t for t in out.graph.initializer}
     nodes = {n.name: n for n in out.graph.node}
-    chip_theta = np.random.default_rng([chip.chip_seed, 2 ** 20]).normal(0.0, chip.device_sigma_chip) \
-        if chip.device_sigma_chip > 0 else 0.0
     luts = {}
     used: set[str] = set()
     for li, L in enumerate(mapping["layers"]):
         if "adc" not in L:
             continue
-        ncols = L["adc"]["columns"]
         bits = L["adc"]["bits"]
-        rng = np.random.default_rng([chip.chip_seed, li])
-        gain = rng.normal(1.0, chip.gain_sigma, ncols).astype(np.float32) if chip.adc == "nonideal" else None
-        offset = rng.normal(0.0, chip.offset_sigma, ncols).astype(np.float32) if chip.adc == "nonideal" else None
-        theta = chip_theta
-        if chip.device_sigma_chip > 0 and chip.device_scope == "layer":
-            theta = np.random.default_rng([chip.chip_seed, li, 1]).normal(0.0, chip.device_sigma_chip)
-        cell_rng = np.random.default_rng([chip.chip_seed, li, 2])
         chunks = L.get("chunks") or [{"tiles": [0, L["tiling"]["tiles_per_group"]],
                                       "slices": [0, len(L["slicing"]["weight_slices"])], "suffix": ""}]
-        m = L["tiling"]["channels_per_tile"]
-        kh, kw = L["kernel"]
-        cell_theta = (cell_rng.normal(0.0, chip.device_sigma_cell, (ncols, m, kh, kw))
-                      if chip.device_sigma_cell > 0 else None)
+        draw = draw_layer(chip, li, L["adc"]["columns"], (L["tiling"]["channels_per_tile"], *L["kernel"]), len(chunks))
         for ci, chunk in enumerate(chunks):
             sfx = chunk["suffix"]
-            cols = _chunk_cols(L, chunk)
-            if chip.device_sigma_cell > 0 or chip.device_sigma_chip > 0:
+            cols = record_chunk_columns(L, chunk)
+            if draw.log_factor is not None:
                 t = inits[N.tensor(L["name"], N.ARRAY_WEIGHT, sfx)]
                 w = numpy_helper.to_array(t).astype(np.float64)
-                factor = np.exp(theta + (cell_theta[cols][:, :w.shape[1]] if cell_theta is not None else 0.0))
+                lf = draw.log_factor
+                factor = np.exp(lf[cols][:, :w.shape[1]] if np.ndim(lf) else lf)
                 t.CopyFrom(numpy_helper.from_array((w * factor).astype(np.float32), t.name))
             if chip.adc != "nonideal":
                 continue
@@ -218,14 +242,13 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
                 out.graph.initializer.append(numpy_helper.from_array(transfer_lut(chip, bits), luts[bits]))
             g_name, o_name = N.tensor(L["name"], N.CHIP_GAIN, sfx), N.tensor(L["name"], N.CHIP_OFFSET, sfx)
             out.graph.initializer.extend([
-                numpy_helper.from_array(gain[cols].reshape(1, -1, 1, 1), g_name),
-                numpy_helper.from_array(offset[cols].reshape(1, -1, 1, 1), o_name)])
-            seed = int(mix32(np.int64(chip.chip_seed) * 1000003 + li * 7919 + ci * 104729)) & 0x7FFFFFFF
+                numpy_helper.from_array(draw.gain[cols].reshape(1, -1, 1, 1), g_name),
+                numpy_helper.from_array(draw.offset[cols].reshape(1, -1, 1, 1), o_name)])
             extra = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "bits"}
             new = helper.make_node(N.NONIDEAL_OP[node.op_type],
                                    [*node.input[:3], g_name, o_name, luts[bits], *node.input[3:]],
                                    list(node.output), name=node.name, domain=DOMAIN, bits=bits,
-                                   noise_sigma=float(chip.noise_sigma), seed=seed, **extra)
+                                   noise_sigma=float(chip.noise_sigma), seed=draw.noise_seeds[ci], **extra)
             node.CopyFrom(new)
             used.add(new.op_type)
     have = {f.name for f in out.functions}

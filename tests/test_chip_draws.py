@@ -1,0 +1,39 @@
+"""Chip draws are a pure function of (chip, layer, sizes); instantiate writes exactly them."""
+import numpy as np
+from onnx import numpy_helper
+
+import pimc
+from pimc.core import names as N
+from pimc.demo import embedded_files
+from pimc.runtime.chip import record_chunk_columns, build_chip_config, draw_layer, instantiate, read_mapping
+
+
+def test_draws_are_pure_and_instantiate_writes_them(tmp_path):
+    model, data = embedded_files()
+    np.save(tmp_path / "calib.npy", np.load(data)["x_calib"])
+    res = pimc.compile_model(model, scheme="bit-serial", cell_bits=1, weight_bits=4, input_bits=4, adc_bits=5,
+                             calib_data=str(tmp_path / "calib.npy"))
+    mapping = read_mapping(res.model)
+    chip = build_chip_config(preset="pimqat-chip7", chip_seed=11, device_sigma_cell=0.02, device_sigma_chip=0.01)
+    chipped = instantiate(res.model, chip)
+    inits = {t.name: numpy_helper.to_array(t) for t in chipped.graph.initializer}
+    base = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    seeds = {n.name: next(a.i for a in n.attribute if a.name == "seed") for n in chipped.graph.node
+             if n.op_type in ("AdcQuantizeNonIdeal", "AdcRecombineNonIdeal")}
+    for li, L in enumerate(mapping["layers"]):
+        chunks = L.get("chunks") or [{"suffix": ""}]
+        args = (chip, li, L["adc"]["columns"], (L["tiling"]["channels_per_tile"], *L["kernel"]), len(chunks))
+        a, b = draw_layer(*args), draw_layer(*args)
+        assert np.array_equal(a.gain, b.gain) and np.array_equal(a.offset, b.offset)
+        assert np.array_equal(a.log_factor, b.log_factor) and a.noise_seeds == b.noise_seeds
+        assert not np.array_equal(a.gain, draw_layer(build_chip_config(preset="pimqat-chip7", chip_seed=12),
+                                                     *args[1:]).gain)
+        for ci, chunk in enumerate(chunks):
+            sfx = chunk["suffix"]
+            cols = record_chunk_columns(L, chunk) if "tiles" in chunk else np.arange(L["adc"]["columns"])
+            assert np.array_equal(inits[N.tensor(L["name"], N.CHIP_GAIN, sfx)].reshape(-1), a.gain[cols])
+            assert np.array_equal(inits[N.tensor(L["name"], N.CHIP_OFFSET, sfx)].reshape(-1), a.offset[cols])
+            assert seeds[N.node(L["name"], N.ADC, sfx)] == a.noise_seeds[ci]
+            w0 = base[N.tensor(L["name"], N.ARRAY_WEIGHT, sfx)].astype(np.float64)
+            w1 = inits[N.tensor(L["name"], N.ARRAY_WEIGHT, sfx)]
+            assert np.array_equal(w1, (w0 * np.exp(a.log_factor[cols][:, :w0.shape[1]])).astype(np.float32))
