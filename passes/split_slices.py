@@ -28,7 +28,7 @@ import numpy as np
 from pimc.lowering import emit_layer, tile_classes
 from pimc.mapping import SlicePlan
 from pimc.model import PimModel
-from pimc.runtime.ops import input_range, plane_weights
+from pimc.core.formulas import input_range, plane_weights
 from .base import Transformation
 
 

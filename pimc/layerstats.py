@@ -52,13 +52,13 @@ def adc_nodes(model: onnx.ModelProto, mapping: dict) -> dict[str, list[dict]]:
 def _codes(s: np.ndarray, a: dict) -> np.ndarray:
     """Noise-free output codes before clipping: the ADC formula of runtime.ops without
     noise and clip (gain, offset and the transfer curve on a chip)."""
-    from pimc.runtime.ops import transfer_np
+    from .core.formulas import transfer
     w = (s / a["scale"]).astype(np.float32)
     if a["gain"] is None:
         return np.round(w + a["zero_point"])
     w = (a["gain"] * w + a["offset"] + a["zero_point"]).astype(np.float32)
     lut = a["lut"]
-    return np.round(transfer_np(w, lut) if lut is not None and lut.shape[0] >= 2 else w)
+    return np.round(transfer(w, lut) if lut is not None and lut.shape[0] >= 2 else w)
 
 
 def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x: np.ndarray,

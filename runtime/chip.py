@@ -35,7 +35,8 @@ from onnx import helper, numpy_helper
 
 from pimc.core import names as N
 from pimc.errors import PimcError
-from .ops import DOMAIN, function_protos, mix32
+from pimc.core.formulas import mix32
+from .ops import DOMAIN, function_protos
 
 CHIP_PRESETS = {
     "pimqat-chip7": ("PIM-QAT 7-bit prototype chip: ADC gain N(1, 0.024), offset N(0, 2.04) LSB per column",

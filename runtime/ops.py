@@ -19,6 +19,15 @@ import onnx
 import onnx.parser
 
 from pimc.core.names import DOMAIN, DOMAIN_VERSION  # noqa: E402  (re-exported)
+# The numpy formula of each op is the core's (pimc.core.formulas), which runs on numpy
+# and torch alike; the names below are the ones the op table and the tests use.
+from pimc.core.formulas import (KEY_VALUES, adc_quantize as adc_quantize_np,  # noqa: E402,F401
+                                adc_quantize_nonideal as adc_quantize_nonideal_np,
+                                adc_recombine as adc_recombine_np,
+                                adc_recombine_nonideal as adc_recombine_nonideal_np,
+                                bit_planes as bit_planes_np, input_range, mix2, mix32, plane_weights,
+                                quantize_input as quantize_input_np, recombine as recombine_np,
+                                row_keys as row_keys_np, thermal_noise as thermal_noise_np, transfer as transfer_np)
 BODY_OPSET = 17  # opset of the standard ops used inside the function bodies
 
 
@@ -39,18 +48,6 @@ class OpDef:
 
 
 # ---------------------------------------------------------------- QuantizeInput
-def quantize_input_np(x: np.ndarray, scale, *, bits: int, signed: int) -> np.ndarray:
-    lo, hi = input_range(bits, signed)
-    return np.clip(np.round(np.asarray(x, np.float32) / np.float32(scale)), lo, hi).astype(np.float32)
-
-
-def input_range(bits: int, signed: int) -> tuple[float, float]:
-    """Integer range of a quantized input: [0, 2^b-1] or [-2^(b-1), 2^(b-1)-1]."""
-    if signed:
-        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    return 0.0, float(2 ** bits - 1)
-
-
 QUANTIZE_INPUT = OpDef(
     "QuantizeInput", ("x", "scale"), ("bits", "signed"),
     """
@@ -76,21 +73,6 @@ QUANTIZE_INPUT = OpDef(
 
 
 # ---------------------------------------------------------------- BitPlanes
-def bit_planes_np(q: np.ndarray, *, bits: int, signed: int) -> np.ndarray:
-    q = np.asarray(q, np.float32)
-    u = np.where(q < 0, q + np.float32(2 ** bits), q)
-    planes = [np.floor(u / np.float32(2 ** p)) - 2 * np.floor(u / np.float32(2 ** (p + 1))) for p in range(bits)]
-    return np.concatenate(planes, axis=0).astype(np.float32)
-
-
-def plane_weights(bits: int, signed: int) -> np.ndarray:
-    """Recombination weight of each bit plane: 2^p, the MSB -2^(b-1) when signed."""
-    w = np.array([2.0 ** p for p in range(bits)], np.float32)
-    if signed:
-        w[-1] = -w[-1]
-    return w
-
-
 BIT_PLANES = OpDef(
     "BitPlanes", ("q",), ("bits", "signed"),
     """
@@ -125,14 +107,6 @@ BIT_PLANES = OpDef(
 
 
 # ---------------------------------------------------------------- AdcQuantize
-def adc_quantize_np(s: np.ndarray, scale, zero_point, *, bits: int) -> np.ndarray:
-    s = np.asarray(s, np.float32)
-    scale = np.asarray(scale, np.float32)
-    zp = np.asarray(zero_point, np.float32)
-    code = np.clip(np.round(s / scale) + zp, np.float32(0), np.float32(2 ** bits - 1))
-    return ((code - zp) * scale).astype(np.float32)
-
-
 ADC_QUANTIZE = OpDef(
     "AdcQuantize", ("s", "scale", "zero_point"), ("bits",),
     """
@@ -154,16 +128,6 @@ ADC_QUANTIZE = OpDef(
 )
 
 # ---------------------------------------------------------------- Recombine
-def recombine_np(a: np.ndarray, coef: np.ndarray, *, planes: int, groups: int, tiles: int, slices: int) -> np.ndarray:
-    a = np.asarray(a, np.float32)
-    rows, cols = a.shape[0], a.shape[1]
-    cout_g = cols // (groups * tiles * slices)
-    r = a.astype(np.float64).reshape(planes, rows // planes, groups, tiles, slices, cout_g, *a.shape[2:])
-    c = np.asarray(coef, np.float32).astype(np.float64).reshape(planes, 1, 1, 1, slices, 1, *([1] * (a.ndim - 2)))
-    acc = (r * c).sum(axis=(0, 3, 4))  # float64: exact for these sums, so the order does not matter
-    return acc.reshape(rows // planes, groups * cout_g, *a.shape[2:]).astype(np.float32)
-
-
 RECOMBINE = OpDef(
     "Recombine", ("a", "coef"), ("planes", "groups", "tiles", "slices"),
     """
@@ -211,80 +175,8 @@ RECOMBINE = OpDef(
 # Irwin-Hall sum of four 8-bit uniforms (the four bytes of one hash: mean 0,
 # variance 1, tails cut at +-2*sqrt(3)), which needs no transcendental function
 # and is exact in float32.
-U32 = np.uint32
-MIX = (2654435761, 2246822507, 3266489909)
-SQRT3 = np.float32(1.7320508)
 
 
-def mix32(x) -> np.ndarray:
-    x = np.asarray(x).astype(U32)
-    with np.errstate(over="ignore"):
-        x = x * U32(MIX[0])
-        x = x + (x >> U32(16))
-        x = x * U32(MIX[1])
-        x = x + (x >> U32(13))
-        x = x * U32(MIX[2])
-        x = x + (x >> U32(16))
-    return x.astype(U32)
-
-
-def mix2(x) -> np.ndarray:
-    """The cheaper two-multiply mix used per conversion."""
-    x = np.asarray(x).astype(U32)
-    with np.errstate(over="ignore"):
-        x = x + (x >> U32(16))
-        x = x * U32(2146121005)
-        x = x + (x >> U32(15))
-        x = x * U32(2221713035)
-        x = x + (x >> U32(16))
-    return x.astype(U32)
-
-
-KEY_VALUES = 4096  # the row key reads the first KEY_VALUES partial sums of a row
-
-
-def row_keys_np(s: np.ndarray) -> np.ndarray:
-    """Per batch row: sum of floor(16 s) over the row's first KEY_VALUES values, in
-    float64 (exact, order-free), modulo 2^32."""
-    s = np.asarray(s, np.float32)
-    f = np.floor(s.reshape(s.shape[0], -1)[:, :KEY_VALUES].astype(np.float64) * 16.0).sum(1)
-    return np.mod(np.abs(f), 2.0 ** 32).astype(np.int64).astype(U32)
-
-
-def thermal_noise_np(s: np.ndarray, sigma: float, seed: int) -> np.ndarray:
-    rows = s.shape[0]
-    n = int(np.prod(s.shape[1:]))
-    with np.errstate(over="ignore"):
-        key = mix32(row_keys_np(s) + mix32(np.int64(seed)))[:, None]
-        h = mix2(mix32(np.arange(n, dtype=np.int64))[None, :] + key)
-    f = sum(v.astype(np.float32) for v in (h % U32(256), (h >> U32(8)) % U32(256), (h >> U32(16)) % U32(256),
-                                           h >> U32(24)))
-    z = (f + np.float32(2)) / np.float32(256) - np.float32(2)
-    return ((np.float32(sigma) * SQRT3) * z).astype(np.float32).reshape(rows, *s.shape[1:])
-
-
-def transfer_np(w: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """Piecewise-linear transfer curve over the code domain; identity slope outside."""
-    L = lut.shape[0]
-    wc = np.clip(w, np.float32(0), np.float32(L - 1))
-    k0 = np.minimum(np.floor(wc), np.float32(L - 2)).astype(np.int64)
-    frac = (wc - k0.astype(np.float32)).astype(np.float32)
-    lo, hi = lut[k0], lut[k0 + 1]
-    return (lo + frac * (hi - lo) + (w - wc)).astype(np.float32)
-
-
-def adc_quantize_nonideal_np(s, scale, zero_point, gain, offset, lut, *, bits: int, noise_sigma: float,
-                             seed: int) -> np.ndarray:
-    s = np.asarray(s, np.float32)
-    scale, zp = np.asarray(scale, np.float32), np.asarray(zero_point, np.float32)
-    gain, offset = np.asarray(gain, np.float32), np.asarray(offset, np.float32)
-    lut = np.asarray(lut, np.float32)
-    w = (gain * (s / scale) + offset + zp).astype(np.float32)
-    f = transfer_np(w, lut) if lut.shape[0] >= 2 else w
-    if noise_sigma > 0:
-        f = f + thermal_noise_np(s, noise_sigma, seed)
-    code = np.clip(np.round(f), np.float32(0), np.float32(2 ** bits - 1))
-    return ((code - zp) * scale).astype(np.float32)
 
 
 _MIX_BODY = """
@@ -415,17 +307,6 @@ ADC_QUANTIZE_NONIDEAL = OpDef(
 # Recombine(AdcQuantize(s)) in one op: the native kernel reads the partial sums
 # once instead of writing and re-reading the converted tensor.
 _RECOMBINE_ATTRS = "planes: int = @planes, groups: int = @groups, tiles: int = @tiles, slices: int = @slices"
-
-
-def adc_recombine_np(s, scale, zero_point, coef, *, bits, planes, groups, tiles, slices):
-    return recombine_np(adc_quantize_np(s, scale, zero_point, bits=bits), coef, planes=planes, groups=groups,
-                        tiles=tiles, slices=slices)
-
-
-def adc_recombine_nonideal_np(s, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed, planes,
-                              groups, tiles, slices):
-    a = adc_quantize_nonideal_np(s, scale, zero_point, gain, offset, lut, bits=bits, noise_sigma=noise_sigma, seed=seed)
-    return recombine_np(a, coef, planes=planes, groups=groups, tiles=tiles, slices=slices)
 
 
 ADC_RECOMBINE = OpDef(
