@@ -22,6 +22,50 @@ from .model import PimModel
 BATCH = 64
 
 
+def _feed_from(model: PimModel, arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Model input name -> at most calib_samples checked rows, from named arrays."""
+    inputs = list(model.graph.inputs)
+    feed = {}
+    for t in inputs:
+        if t.name in arrays:
+            a = arrays[t.name]
+        elif len(inputs) == 1 and len(arrays) == 1:
+            a = next(iter(arrays.values()))
+        elif len(inputs) == 1 and "x" in arrays:
+            a = arrays["x"]
+        else:
+            raise PimcError(f"{where} has no array for model input '{t.name}'; name the arrays after the model "
+                            f"inputs (found: {', '.join(arrays) or 'none'})")
+        feed[t.name] = _check_input(t, a[: model.config.calib_samples], where)
+    return feed
+
+
+def set_calibration_arrays(model: PimModel, data) -> None:
+    """Calibration inputs given in memory (``compile_model(..., calib_inputs=...)``): an
+    array (one model input), a dict of arrays named after the model inputs, or an
+    iterable of such batches (as onnxruntime.quantization's calibration data readers
+    give them), read until ``calib_samples`` rows."""
+    if isinstance(data, np.ndarray):
+        arrays = {"": data}
+    elif isinstance(data, dict):
+        arrays = dict(data)
+    else:
+        parts: dict[str, list] = {}
+        rows = 0
+        for batch in data:
+            batch = {"": batch} if isinstance(batch, np.ndarray) else dict(batch)
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(np.asarray(v))
+            rows += len(next(iter(batch.values())))
+            if rows >= model.config.calib_samples:
+                break
+        if not parts:
+            raise PimcError("calib_inputs: the calibration batches are empty")
+        arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    model.calib_inputs = _feed_from(model, {k: np.asarray(v) for k, v in arrays.items()}, "calib_inputs")
+    model.calibration = {"source": "memory", "samples": int(next(iter(model.calib_inputs.values())).shape[0])}
+
+
 def calibration_inputs(model: PimModel) -> dict[str, np.ndarray]:
     if model.calib_inputs is not None:
         return model.calib_inputs
@@ -29,18 +73,7 @@ def calibration_inputs(model: PimModel) -> dict[str, np.ndarray]:
     inputs = list(model.graph.inputs)
     if cfg.calib_data:
         arrays = load_array_file(cfg.calib_data, "--calib-data")
-        feed = {}
-        for t in inputs:
-            if t.name in arrays:
-                a = arrays[t.name]
-            elif len(inputs) == 1 and len(arrays) == 1:
-                a = next(iter(arrays.values()))
-            elif len(inputs) == 1 and "x" in arrays:
-                a = arrays["x"]
-            else:
-                raise PimcError(f"--calib-data: '{cfg.calib_data}' has no array for model input '{t.name}'; "
-                                f"name the arrays after the model inputs (found: {', '.join(arrays) or 'none'})")
-            feed[t.name] = _check_input(t, a[: cfg.calib_samples], cfg.calib_data)
+        feed = _feed_from(model, arrays, f"--calib-data: '{cfg.calib_data}'")
         source = {"source": "file", "path": str(cfg.calib_data), "samples": int(next(iter(feed.values())).shape[0])}
     else:
         rng = np.random.default_rng(cfg.seed)
@@ -66,20 +99,20 @@ def calibration_inputs(model: PimModel) -> dict[str, np.ndarray]:
     return feed
 
 
-def _check_input(t, a: np.ndarray, path) -> np.ndarray:
+def _check_input(t, a: np.ndarray, where: str) -> np.ndarray:
     want = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
     if a.dtype != want:
         if np.issubdtype(a.dtype, np.number) and want == np.float32:
             a = a.astype(np.float32)
         else:
-            raise PimcError(f"--calib-data: '{path}' holds {a.dtype}, model input '{t.name}' wants {want}")
+            raise PimcError(f"{where} holds {a.dtype}, model input '{t.name}' wants {want}")
     shape = t.shape
     if shape is not None:
         if a.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(list(shape)[1:], a.shape[1:])):
-            raise PimcError(f"--calib-data: '{path}' has shape {list(a.shape)}, model input '{t.name}' wants "
+            raise PimcError(f"{where} has shape {list(a.shape)}, model input '{t.name}' wants "
                             f"{list(shape)}; preprocess the data into the model's input layout")
     if a.shape[0] == 0:
-        raise PimcError(f"--calib-data: '{path}' holds no samples")
+        raise PimcError(f"{where} holds no samples")
     return a
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -114,7 +113,8 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
     from pimc.runtime.chip import ChipConfig, build_chip_config
 
     prep = prep or {}
-    config = config.resolved(real_calibration=True)   # calibration images are real here
+    # calibration images are real here, and they come from the calibration split (never a file of the config)
+    config = config.resolved(real_calibration=True).replace(calib_data=None)
     if calibrate_bn and (not config.pim or chips < 1):
         raise PimcError("--calibrate-bn needs a PIM scheme and --chips >= 1")
     if calibrate_bn and config.fold_bn != "output":
@@ -127,65 +127,61 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
               "calibration": calib_rec, "executor": executor.name, "results": {}, "timing_s": {}}
     base = chip if isinstance(chip, ChipConfig) else build_chip_config(adc="nonideal")
     chip_list = [ChipConfig(**{**asdict(base), "chip_seed": base.chip_seed + k}) for k in range(chips)]
-    with tempfile.TemporaryDirectory() as tmp:
-        cpath = Path(tmp) / "calib.npy"
-        np.save(cpath, xc)
-        cfg = config.replace(calib_data=str(cpath))
-        # the baselines depend on these fields only (so sweeps share them)
-        variants = {"float": CompileConfig(scheme="float", fold_bn=config.fold_bn, seed=config.seed),
-                    "digital": CompileConfig(scheme="digital", weight_bits=cfg.weight_bits, input_bits=cfg.input_bits,
-                                             fold_bn=cfg.fold_bn, seed=cfg.seed, calib_samples=cfg.calib_samples,
-                                             calib_data=cfg.calib_data)}
-        if cfg.pim:
-            variants["ideal_pim"] = cfg
-        models, blobs, jobs, cached = {}, {}, [], {}
-        for label, c in variants.items():
-            key = (label, json.dumps({**c.to_dict(), "calib_data": None}, sort_keys=True), data_rec["sha256_x"],
-                   calib_rec["indices_sha256"], model)
-            t0 = time.perf_counter()
-            if key in cache:
-                models[label], cached[label] = cache[key]
-                continue
-            res = compile_model(model, c)
-            report["timing_s"][f"compile {label}"] = time.perf_counter() - t0
-            models[label] = res.model
-            blobs[label] = res.model.SerializeToString()
-            jobs.append((label, blobs[label], None, key))
-        pim_bytes = (blobs.get("ideal_pim") or models["ideal_pim"].SerializeToString()) if cfg.pim else None
-        jobs += [(f"chip {c.chip_seed}", pim_bytes, c, None) for c in chip_list]
-        calibrated = []
-        if calibrate_bn:
-            t0 = time.perf_counter()
-            calibrated = executor.calibrate(pim_bytes, chip_list, xc, 64)
-            report["timing_s"]["bn calibration"] = time.perf_counter() - t0
-            jobs += [(f"chip {c.chip_seed} bn-calibrated", m, c, None) for c, (m, _) in zip(chip_list, calibrated)]
-        results = executor.run([j[:3] for j in jobs], x, y, batch)
-        for (label, _, _, key), r in zip(jobs, results):
-            report["timing_s"][label] = r["seconds"]
-            if log:
-                log(f"{label}: {r['images']} images in {r['seconds']:.1f} s")
-            if key is not None:
-                cache[key] = (models[label], r)
-        by_label = {j[0]: r for j, r in zip(jobs, results)}
-        for label in variants:
-            report["results"][label] = _accuracy(cached.get(label) or by_label[label])
-        for tag, suffix in (("nonideal_pim", ""), ("nonideal_pim_bn_calibrated", " bn-calibrated")):
-            if tag == "nonideal_pim_bn_calibrated" and not calibrate_bn or not chip_list:
-                continue
-            per_chip = [dict(_accuracy(by_label[f"chip {c.chip_seed}{suffix}"]), chip_seed=c.chip_seed)
-                        for c in chip_list]
-            report["results"][tag] = {"chips": per_chip, **_summary(per_chip)}
-        if chip_list:
-            report["chip_config"] = asdict(base)
-        if calibrate_bn:
-            report["bn_calibration"] = {"images": int(len(xc)), "split": calib_rec["split"],
-                                        "chips": [dict(rec, chip_seed=c.chip_seed) for c, (_, rec) in
-                                                  zip(chip_list, calibrated)]}
-        if cfg.pim and stats_images > 0:
-            t0 = time.perf_counter()
-            report["layers"] = _layer_report(models, chip_list, calibrated, x[:stats_images], log)
-            report["stats_images"] = int(min(stats_images, len(x)))
-            report["timing_s"]["layer statistics"] = time.perf_counter() - t0
+    cfg = config
+    # the baselines depend on these fields only (so sweeps share them)
+    variants = {"float": CompileConfig(scheme="float", fold_bn=config.fold_bn, seed=config.seed),
+                "digital": CompileConfig(scheme="digital", weight_bits=cfg.weight_bits, input_bits=cfg.input_bits,
+                                         fold_bn=cfg.fold_bn, seed=cfg.seed, calib_samples=cfg.calib_samples)}
+    if cfg.pim:
+        variants["ideal_pim"] = cfg
+    models, blobs, jobs, cached = {}, {}, [], {}
+    for label, c in variants.items():
+        key = (label, json.dumps({**c.to_dict(), "calib_data": None}, sort_keys=True), data_rec["sha256_x"],
+               calib_rec["indices_sha256"], model)
+        t0 = time.perf_counter()
+        if key in cache:
+            models[label], cached[label] = cache[key]
+            continue
+        res = compile_model(model, c, calib_inputs=None if label == "float" else xc)
+        report["timing_s"][f"compile {label}"] = time.perf_counter() - t0
+        models[label] = res.model
+        blobs[label] = res.model.SerializeToString()
+        jobs.append((label, blobs[label], None, key))
+    pim_bytes = (blobs.get("ideal_pim") or models["ideal_pim"].SerializeToString()) if cfg.pim else None
+    jobs += [(f"chip {c.chip_seed}", pim_bytes, c, None) for c in chip_list]
+    calibrated = []
+    if calibrate_bn:
+        t0 = time.perf_counter()
+        calibrated = executor.calibrate(pim_bytes, chip_list, xc, 64)
+        report["timing_s"]["bn calibration"] = time.perf_counter() - t0
+        jobs += [(f"chip {c.chip_seed} bn-calibrated", m, c, None) for c, (m, _) in zip(chip_list, calibrated)]
+    results = executor.run([j[:3] for j in jobs], x, y, batch)
+    for (label, _, _, key), r in zip(jobs, results):
+        report["timing_s"][label] = r["seconds"]
+        if log:
+            log(f"{label}: {r['images']} images in {r['seconds']:.1f} s")
+        if key is not None:
+            cache[key] = (models[label], r)
+    by_label = {j[0]: r for j, r in zip(jobs, results)}
+    for label in variants:
+        report["results"][label] = _accuracy(cached.get(label) or by_label[label])
+    for tag, suffix in (("nonideal_pim", ""), ("nonideal_pim_bn_calibrated", " bn-calibrated")):
+        if tag == "nonideal_pim_bn_calibrated" and not calibrate_bn or not chip_list:
+            continue
+        per_chip = [dict(_accuracy(by_label[f"chip {c.chip_seed}{suffix}"]), chip_seed=c.chip_seed)
+                    for c in chip_list]
+        report["results"][tag] = {"chips": per_chip, **_summary(per_chip)}
+    if chip_list:
+        report["chip_config"] = asdict(base)
+    if calibrate_bn:
+        report["bn_calibration"] = {"images": int(len(xc)), "split": calib_rec["split"],
+                                    "chips": [dict(rec, chip_seed=c.chip_seed) for c, (_, rec) in
+                                              zip(chip_list, calibrated)]}
+    if cfg.pim and stats_images > 0:
+        t0 = time.perf_counter()
+        report["layers"] = _layer_report(models, chip_list, calibrated, x[:stats_images], log)
+        report["stats_images"] = int(min(stats_images, len(x)))
+        report["timing_s"]["layer statistics"] = time.perf_counter() - t0
     return report
 
 

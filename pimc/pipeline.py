@@ -86,7 +86,8 @@ def refuse_compiled(proto: onnx.ModelProto, source: str, command: str) -> None:
 
 
 def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str | Path | None = None,
-                  verify: bool = False, log=None, source: str | None = None, **options) -> CompileResult:
+                  verify: bool = False, log=None, source: str | None = None, calib_inputs=None,
+                  **options) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) to the PIM IR.
 
     ``config`` is a CompileConfig; or give ``preset=``, ``hw=`` and option
@@ -96,7 +97,9 @@ def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str |
         config = build_config(**options)
     elif options:
         raise PimcError("give either a CompileConfig or option keywords, not both")
-    config = config.resolved()
+    if calib_inputs is not None and config.calib_data is not None:
+        raise PimcError("give calibration inputs either as calib_inputs (arrays) or as calib_data (a file), not both")
+    config = config.resolved(real_calibration=calib_inputs is not None or config.calib_data is not None)
     if isinstance(model, (str, Path)):
         source = source or str(model)
         proto = load_onnx(model)
@@ -104,6 +107,9 @@ def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str |
         source, proto = source or "<memory>", model
     refuse_compiled(proto, source, "compile_model")
     pm = new_pim_model(proto, config, source)
+    if calib_inputs is not None:
+        from .calibration import set_calibration_arrays
+        set_calibration_arrays(pm, calib_inputs)
     pm, timings, checks = run_passes(pm, pass_list(config), dump_dir=dump_dir, verify=verify, log=log)
     final = pm.to_onnx()
     return CompileResult(model=final, pim=pm, timings=timings, verification=checks)

@@ -240,3 +240,22 @@ def test_compiled_model_runs_in_a_plain_onnxruntime_session(tmp_path):
     plain = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
     ours = run(res.model, x)
     np.testing.assert_allclose(plain.run(None, {"x": x})[0], ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+
+
+def test_calibration_inputs_from_memory_equal_those_from_a_file(tmp_path):
+    w = RNG.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    m = conv_model(w, None, pad=(1, 1, 1, 1))
+    calib = np.abs(RNG.standard_normal((40, 16, 6, 6))).astype(np.float32)
+    np.save(tmp_path / "c.npy", calib)
+    kw = dict(scheme="bit-serial", cell_bits=1, adc_bits=5, calib_samples=32)
+    ref = pimc.compile_model(m, calib_data=str(tmp_path / "c.npy"), **kw)
+    x = np.abs(RNG.standard_normal((3, 16, 6, 6))).astype(np.float32)
+    for given in (calib, {"x": calib}, (calib[i:i + 7] for i in range(0, 40, 7))):
+        res = pimc.compile_model(m, calib_inputs=given, **kw)
+        assert res.mapping["calibration"] == {"source": "memory", "samples": 32}
+        assert res.mapping["layers"][0]["adc"]["range"] == "calibrated"   # real data: the auto range calibrates
+        assert np.array_equal(run(res.model, x), run(ref.model, x))
+    with pytest.raises(pimc.PimcError, match="not both"):
+        pimc.compile_model(m, calib_inputs=calib, calib_data=str(tmp_path / "c.npy"), **kw)
+    with pytest.raises(pimc.PimcError, match="calib_inputs has shape"):
+        pimc.compile_model(m, calib_inputs=calib[:, :3], **kw)
