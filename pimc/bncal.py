@@ -31,17 +31,17 @@ from .core import names as N
 from .errors import PimcError
 
 
-def bn_layers(mapping: dict) -> list[dict]:
-    """Layers whose BatchNorm is kept as an output affine after quantized arrays."""
-    return [L for L in mapping["layers"] if "bn_stats" in L and "input_quant" in L and "weight_quant" in L]
+def bn_layers(mapping) -> list:
+    """Layers (LayerMapping) whose BatchNorm is kept as an output affine after quantized arrays."""
+    return [L for L in mapping.layers if L.bn_stats is not None and L.input_quant and L.weight_quant]
 
 
-def _dataflow_order(model: onnx.ModelProto, layers: list[dict]) -> list[dict]:
+def _dataflow_order(model: onnx.ModelProto, layers: list) -> list:
     """The layers sorted so that every layer comes after those feeding it (networkx)."""
     from .mapping import layer_graph
     g = layer_graph(model)
     pos = {n: i for i, n in enumerate(nx.topological_sort(g))}
-    return sorted(layers, key=lambda L: pos.get(N.node(L["name"], N.DEQUANTIZE), 0))
+    return sorted(layers, key=lambda L: pos.get(N.node(L.name, N.DEQUANTIZE), 0))
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -85,7 +85,9 @@ def calibrate_bn(model: onnx.ModelProto, chip, x: np.ndarray, *, batch: int = 64
                  log=None) -> tuple[onnx.ModelProto, dict]:
     """Recalibrate the kept BatchNorms of ``model`` on ``chip`` (a ChipConfig) with
     calibration images ``x`` (preprocessed).  Returns (new model, record)."""
-    from pimc.runtime.chip import read_mapping
+    import dataclasses
+
+    from .mapping import read_mapping
 
     mapping = read_mapping(model, source)
     layers = bn_layers(mapping)
@@ -98,17 +100,17 @@ def calibrate_bn(model: onnx.ModelProto, chip, x: np.ndarray, *, batch: int = 64
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
     nodes = {n.name: n for n in out.graph.node}
-    by_name = {L["name"]: L for L in mapping["layers"]}
+    new_stats = {}
     per_layer = []
     for k, L in enumerate(_dataflow_order(out, layers)):
-        deq = nodes.get(N.node(L["name"], N.DEQUANTIZE))
-        if deq is None or N.tensor(L["name"], N.OUT_BIAS) not in inits:
-            raise PimcError(f"'{source}': layer '{L['name']}' has no output affine "
-                            f"({N.node(L['name'], N.DEQUANTIZE)} / {N.OUT_BIAS}); recompile it with this pimc version")
-        st = L["bn_stats"]
+        deq = nodes.get(N.node(L.name, N.DEQUANTIZE))
+        if deq is None or N.tensor(L.name, N.OUT_BIAS) not in inits:
+            raise PimcError(f"'{source}': layer '{L.name}' has no output affine "
+                            f"({N.node(L.name, N.DEQUANTIZE)} / {N.OUT_BIAS}); recompile it with this pimc version")
+        st = L.bn_stats
         gamma, beta, eps = (np.asarray(st["gamma"]), np.asarray(st["beta"]), float(st["eps"]))
         bias = np.asarray(st["bias"])
-        w_deq = np.float32(L["input_quant"]["scale"]) * np.asarray(L["weight_quant"]["scales"], np.float32)
+        w_deq = np.float32(L.input_quant.scale) * np.asarray(L.weight_quant.scales, np.float32)
         shape = [1, -1] + [1] * 2
 
         def pre_bn(acc, w_deq=w_deq, bias=bias):
@@ -119,21 +121,23 @@ def calibrate_bn(model: onnx.ModelProto, chip, x: np.ndarray, *, batch: int = 64
         t = (beta - mean * s.astype(np.float64)).astype(np.float32)
         out_scale = (w_deq * s).astype(np.float32)
         shift = (bias.astype(np.float32) * s + t).astype(np.float32)
-        for name, v in ((N.tensor(L["name"], N.OUT_SCALE), out_scale), (N.tensor(L["name"], N.OUT_BIAS), shift)):
+        for name, v in ((N.tensor(L.name, N.OUT_SCALE), out_scale), (N.tensor(L.name, N.OUT_BIAS), shift)):
             old = inits[name]
             old.CopyFrom(numpy_helper.from_array(v.reshape(numpy_helper.to_array(old).shape), name))
         old_mean, old_var = np.asarray(st["mean"]), np.asarray(st["var"])
         std_old = np.sqrt(old_var + eps)
-        per_layer.append({"layer": L["name"], "mean_shift_over_std": float(np.max(np.abs(mean - old_mean) / std_old)),
+        per_layer.append({"layer": L.name, "mean_shift_over_std": float(np.max(np.abs(mean - old_mean) / std_old)),
                           "std_ratio_min": float(np.min(np.sqrt(var + eps) / std_old)),
                           "std_ratio_max": float(np.max(np.sqrt(var + eps) / std_old))})
-        by_name[L["name"]]["bn_stats"].update(mean=[float(v) for v in mean], var=[float(v) for v in var])
+        new_stats[L.name] = {**st, "mean": [float(v) for v in mean], "var": [float(v) for v in var]}
         if log:
-            log(f"calibrate-bn: layer {k + 1}/{len(layers)} {L['name']}: max |mean shift| "
+            log(f"calibrate-bn: layer {k + 1}/{len(layers)} {L.name}: max |mean shift| "
                 f"{per_layer[-1]['mean_shift_over_std']:.3f} std")
     record = {"chip": json.loads(chip.to_json()), "images": int(len(x)), "layers": per_layer}
     meta = {p.key: p for p in out.metadata_props}
-    meta["pimc.mapping"].value = json.dumps(mapping)
+    mapping = dataclasses.replace(mapping, layers=tuple(
+        dataclasses.replace(L, bn_stats=new_stats[L.name]) if L.name in new_stats else L for L in mapping.layers))
+    meta["pimc.mapping"].value = json.dumps(mapping.to_record(), sort_keys=True)
     if "pimc.bn_calibration" in meta:
         meta["pimc.bn_calibration"].value = json.dumps(record)
     else:

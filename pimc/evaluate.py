@@ -190,7 +190,8 @@ def _layer_report(models, chip_list, calibrated, xs, log=None) -> list[dict]:
     (if any) the first chip after BN calibration, merged per layer."""
     import onnx
     from .layerstats import layer_stats
-    from pimc.runtime.chip import instantiate, read_mapping
+    from .mapping import read_mapping
+    from pimc.runtime.chip import instantiate
     pim = models["ideal_pim"]
     mapping = read_mapping(pim)
     variants = {"ideal_pim": pim}

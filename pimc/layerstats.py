@@ -27,23 +27,23 @@ from .bncal import input_name, with_outputs
 from .core import names as N
 
 
-def adc_nodes(model: onnx.ModelProto, mapping: dict) -> dict[str, list[dict]]:
+def adc_nodes(model: onnx.ModelProto, mapping) -> dict[str, list[dict]]:
     """Per layer name: its ADC nodes' partial-sum tensor and constant parameters
     (found by name: one ADC node per chunk of the layer's columns)."""
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     const = lambda n: numpy_helper.to_array(inits[n]).astype(np.float32) if n in inits else None
     out: dict[str, list[dict]] = {}
-    for L in mapping["layers"]:
-        if "adc" not in L:
+    for L in mapping.layers:
+        if L.adc is None:
             continue
-        for chunk in L.get("chunks") or [{"suffix": ""}]:
-            n = nodes.get(N.node(L["name"], N.ADC, chunk["suffix"]))
+        for chunk in L.chunk_list:
+            n = nodes.get(N.node(L.name, N.ADC, chunk.suffix))
             if n is None or not N.is_adc(n):
                 continue
             nonideal = n.op_type not in N.NONIDEAL_OP
-            out.setdefault(L["name"], []).append({
-                "s": n.input[0], "bits": L["adc"]["bits"], "scale": const(n.input[1]), "zero_point": const(n.input[2]),
+            out.setdefault(L.name, []).append({
+                "s": n.input[0], "bits": L.adc.bits, "scale": const(n.input[1]), "zero_point": const(n.input[2]),
                 "gain": const(n.input[3]) if nonideal else None, "offset": const(n.input[4]) if nonideal else None,
                 "lut": const(n.input[5]) if nonideal else None})
     return out
@@ -61,7 +61,7 @@ def _codes(s: np.ndarray, a: dict) -> np.ndarray:
     return np.round(transfer(w, lut) if lut is not None and lut.shape[0] >= 2 else w)
 
 
-def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x: np.ndarray,
+def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping, x: np.ndarray,
                 batch: int = 8, progress=None) -> list[dict]:
     """Per-layer figures of ``pim`` (a compiled model, chip already instantiated)
     against ``digital`` on images ``x``; ``progress(n)`` is called after every n images."""
@@ -69,14 +69,14 @@ def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x
 
     produced = lambda m: {o for n in m.graph.node for o in n.output}
     both = produced(digital) & produced(pim)
-    layers = [L for L in mapping["layers"] if L["output"] in both]
+    layers = [L for L in mapping.layers if L.output in both]
     adcs = adc_nodes(pim, mapping)
-    outs = [L["output"] for L in layers]
-    s_names = [a["s"] for L in layers for a in adcs.get(L["name"], [])]
+    outs = [L.output for L in layers]
+    s_names = [a["s"] for L in layers for a in adcs.get(L.name, [])]
     d_sess = open_session(with_outputs(digital, outs))
     p_sess = open_session(with_outputs(pim, outs + s_names))
     name = input_name(pim)
-    acc = {L["name"]: {"sig": 0.0, "err": 0.0, "clip": 0, "conv": 0,
+    acc = {L.name: {"sig": 0.0, "err": 0.0, "clip": 0, "conv": 0,
                        "hist": None} for L in layers}
     for (_, rows, d_out), (_, _, p_out) in zip(run_batches(d_sess, outs, {name: x}, batch),
                                             run_batches(p_sess, outs + s_names, {name: x}, batch)):
@@ -85,11 +85,11 @@ def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x
         if progress is not None:
             progress(rows)
         for L in layers:
-            a = acc[L["name"]]
-            dv, pv = d[L["output"]].astype(np.float64), p[L["output"]].astype(np.float64)
+            a = acc[L.name]
+            dv, pv = d[L.output].astype(np.float64), p[L.output].astype(np.float64)
             a["sig"] += float(np.sum(dv * dv))
             a["err"] += float(np.sum((pv - dv) ** 2))
-            for adc in adcs.get(L["name"], []):
+            for adc in adcs.get(L.name, []):
                 top = 2 ** adc["bits"] - 1
                 code = _codes(p[adc["s"]], adc)
                 a["clip"] += int(np.count_nonzero((code < 0) | (code > top)))
@@ -98,9 +98,9 @@ def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping: dict, x
                 a["hist"] = h if a["hist"] is None else a["hist"] + h
     rows = []
     for L in layers:
-        a = acc[L["name"]]
+        a = acc[L.name]
         exact = a["err"] == 0.0
-        rec = {"layer": L["name"], "sqnr_db": None if exact or a["sig"] == 0 else
+        rec = {"layer": L.name, "sqnr_db": None if exact or a["sig"] == 0 else
                float(10 * np.log10(a["sig"] / a["err"])), "exact": exact}
         if a["conv"]:
             rec.update(adc_bits=int(len(a["hist"]) - 1).bit_length(), clip_rate=a["clip"] / a["conv"],

@@ -9,6 +9,7 @@ retraining hook.  Field meanings are documented in docs/IR.md ("Mapping").
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -258,3 +259,220 @@ def layer_graph(model_proto) -> nx.DiGraph:
             if t in producer:
                 g.add_edge(producer[t], name, tensor=t)
     return g
+
+
+# ---- reading a compiled model's mapping ---------------------------------------------
+# The compiled model's metadata ``pimc.mapping`` is the single source of truth after
+# compilation.  Readers (chip instantiation, BN calibration, layer statistics, the
+# summary, evaluation) read it only through these typed, pure-data classes: the
+# field names are the record's own, so code and JSON say the same thing.
+
+def _typed(cls, rec: dict | None):
+    """A record sub-table as ``cls`` (unknown keys are an error: the record and the class agree)."""
+    if rec is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = set(rec) - names
+    if extra:
+        raise ValueError(f"{cls.__name__}: unknown mapping fields {sorted(extra)}")
+    return cls(**rec)
+
+
+@dataclass(frozen=True)
+class InputQuantRecord:
+    scale: float
+    bits: int
+    signed: bool
+    source: str
+    observed_min: float = 0.0
+    observed_max: float = 0.0
+
+
+@dataclass(frozen=True)
+class WeightQuantRecord:
+    bits: int
+    granularity: str
+    scale_tensor: str
+    scales: list
+
+
+@dataclass(frozen=True)
+class TilingRecord:
+    mode: str
+    array_rows: int
+    array_cols: int
+    tiles_per_group: int
+    channels_per_tile: int
+    rows_used: list
+    tile_channels: list
+    arrays: list
+    n_arrays: int
+    utilization: float
+
+
+@dataclass(frozen=True)
+class SlicingRecord:
+    bit_serial: bool
+    planes: int
+    plane_coef: list
+    input_slice_range: list
+    weight_slices: list
+    slice_coef: list
+    cell_range: list
+    column_order: list
+
+
+@dataclass(frozen=True)
+class AdcRecord:
+    bits: int
+    range: str
+    columns: int
+    scale_tensor: str
+    zero_point_tensor: str
+    lossless_columns: int
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    tiles: list        # [t0, t1)
+    slices: list       # [s0, s1)
+    suffix: str        # of the chunk's IR names (pimc.core.names)
+
+
+@dataclass(frozen=True)
+class LayerMapping:
+    """One mapped layer as recorded in the compiled model (``LayerPlan.to_record``)."""
+    name: str
+    op_type: str
+    kind: str
+    input: str
+    output: str
+    cout: int
+    cin_per_group: int
+    group: int
+    kernel: list
+    strides: list
+    pads: list
+    dilations: list
+    auto_pad: str
+    rows_per_column: int
+    bn: str | None
+    output_spatial: list | None
+    bn_stats: dict | None = None
+    input_quant: InputQuantRecord | None = None
+    weight_quant: WeightQuantRecord | None = None
+    tiling: TilingRecord | None = None
+    slicing: SlicingRecord | None = None
+    chunks: tuple | None = None
+    adc: AdcRecord | None = None
+    conversions_per_output_pixel: int | None = None
+    conversions_per_inference: int | None = None
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "LayerMapping":
+        subs = {"input_quant": InputQuantRecord, "weight_quant": WeightQuantRecord, "tiling": TilingRecord,
+                "slicing": SlicingRecord, "adc": AdcRecord}
+        vals = {k: (_typed(subs[k], v) if k in subs else v) for k, v in rec.items()}
+        if rec.get("chunks") is not None:
+            vals["chunks"] = tuple(_typed(ChunkRecord, c) for c in rec["chunks"])
+        return _typed(cls, vals)
+
+    def to_record(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name not in ("bn", "output_spatial"):
+                continue
+            if f.name == "chunks":
+                v = [dataclasses.asdict(c) for c in v]
+            elif dataclasses.is_dataclass(v):
+                v = dataclasses.asdict(v)
+            out[f.name] = v
+        return out
+
+    # ---- derived views ----------------------------------------------------------
+    @property
+    def cout_per_group(self) -> int:
+        return self.cout // self.group
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slicing.weight_slices) if self.slicing else 1
+
+    @property
+    def chunk_list(self) -> tuple:
+        """The chunks of the layer's array columns (one covering all when the record lists none)."""
+        if self.chunks:
+            return self.chunks
+        return (ChunkRecord(tiles=[0, self.tiling.tiles_per_group if self.tiling else 1], slices=[0, self.n_slices],
+                            suffix=""),)
+
+    def chunk_columns(self, chunk: ChunkRecord) -> np.ndarray:
+        """Global column indices, (group, tile, slice, out_channel) order, of a chunk."""
+        return column_indices(self.group, self.tiling.tiles_per_group, self.n_slices, self.cout_per_group,
+                              *chunk.tiles, *chunk.slices)
+
+
+@dataclass(frozen=True)
+class CompiledMapping:
+    """The whole mapping of a compiled model (metadata ``pimc.mapping``)."""
+    pimc_version: str
+    domain: str
+    domain_version: int
+    stage: str
+    layers: tuple
+    digital_ops: list
+    calibration: dict
+    notes: list
+    source: str = "<memory>"
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "CompiledMapping":
+        vals = dict(rec)
+        vals["layers"] = tuple(LayerMapping.from_record(L) for L in rec["layers"])
+        return _typed(cls, vals)
+
+    def to_record(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["layers"] = [L.to_record() for L in self.layers]
+        return out
+
+    def layer(self, name: str) -> LayerMapping:
+        return next(L for L in self.layers if L.name == name)
+
+
+IR_VERSION = 2   # of the compiled model's metadata; 1: before the typed mapping (pimc.ir_version absent)
+
+
+def read_mapping(model, source: str = "model") -> CompiledMapping:
+    """The mapping of a compiled model (an onnx ModelProto), or a one-line PimcError: not a
+    pimc IR, or written by an older pimc (recompile it)."""
+    import json
+
+    from .errors import PimcError
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "pimc.mapping" not in meta:
+        raise PimcError(f"'{source}' is not a pimc PIM IR model (no pimc.mapping metadata); compile it with "
+                        f"'pimc compile' first, or drop the PIM options")
+    version = int(meta.get("pimc.ir_version", "1"))
+    if version != IR_VERSION:
+        raise PimcError(f"'{source}' was compiled by {'an older' if version < IR_VERSION else 'a newer'} pimc "
+                        f"(IR version {version}, this pimc reads {IR_VERSION}); recompile the source model with "
+                        f"this pimc's 'pimc compile'")
+    try:
+        return CompiledMapping.from_record(json.loads(meta["pimc.mapping"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise PimcError(f"'{source}': its pimc.mapping metadata is damaged ({e}); recompile the source model")
+
+
+def compiled_source(model) -> str | None:
+    """The source model a compiled model (any IR version) was compiled from: its path,
+    "" when unknown, None when ``model`` is no pimc IR."""
+    import json
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "pimc.mapping" not in meta:
+        return None
+    try:
+        return str(json.loads(meta["pimc.mapping"]).get("source") or "")
+    except (ValueError, AttributeError):
+        return ""

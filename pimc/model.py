@@ -68,7 +68,8 @@ class PimModel:
         model.ir_version = IR_VERSION_MAX
         model.producer_name = "pimc"
         model.producer_version = __version__
-        meta = {"pimc.version": __version__, "pimc.config": self.config.to_json(),
+        from .mapping import IR_VERSION
+        meta = {"pimc.version": __version__, "pimc.ir_version": str(IR_VERSION), "pimc.config": self.config.to_json(),
                 "pimc.mapping": json.dumps(self.mapping(), sort_keys=True), "pimc.stage": self.stage,
                 **self.carried_metadata}
         del model.metadata_props[:]

@@ -71,15 +71,12 @@ class CompileResult:
 def refuse_compiled(proto: onnx.ModelProto, source: str, command: str) -> None:
     """A one-line error when ``proto`` is already a pimc PIM IR: compiling it again would
     map the IR's own array ops a second time and report wrong figures."""
-    meta = {p.key: p.value for p in proto.metadata_props}
     from .core.names import DOMAIN
-    if "pimc.mapping" not in meta and not any(o.domain == DOMAIN for o in proto.opset_import):
+    from .mapping import compiled_source
+    src = compiled_source(proto)
+    if src is None and not any(o.domain == DOMAIN for o in proto.opset_import):
         return
-    try:
-        import json
-        src = json.loads(meta.get("pimc.mapping", "{}")).get("source") or ""
-    except ValueError:
-        src = ""
+    src = src or ""
     hint = f" ('{src}')" if src and src != "<memory>" else ""
     raise PimcError(f"'{source}' is already a pimc PIM IR; {command} takes the source ONNX model it was compiled "
                     f"from{hint}: pass that, or run the IR with `pimc run`")

@@ -155,19 +155,7 @@ def read_lut_csv(path) -> np.ndarray:
     return lut
 
 
-def read_mapping(model: onnx.ModelProto, source: str = "model") -> dict:
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "pimc.mapping" not in meta:
-        raise PimcError(f"'{source}' is not a pimc PIM IR model (no pimc.mapping metadata); compile it with "
-                        f"'pimc compile' first, or drop the PIM options")
-    return json.loads(meta["pimc.mapping"])
-
-
-def record_chunk_columns(L: dict, chunk: dict) -> np.ndarray:
-    """Global column indices of a chunk of a layer, from its mapping record."""
-    from pimc.mapping import column_indices
-    return column_indices(L["group"], L["tiling"]["tiles_per_group"], len(L["slicing"]["weight_slices"]),
-                          L["cout"] // L["group"], *chunk["tiles"], *chunk["slices"])
+from pimc.mapping import read_mapping  # noqa: E402  (the one reader of a compiled model's mapping)
 
 
 @dataclass(frozen=True)
@@ -216,32 +204,31 @@ def instantiate(model: onnx.ModelProto, chip: ChipConfig, source: str = "model")
     nodes = {n.name: n for n in out.graph.node}
     luts = {}
     used: set[str] = set()
-    for li, L in enumerate(mapping["layers"]):
-        if "adc" not in L:
+    for li, L in enumerate(mapping.layers):
+        if L.adc is None:
             continue
-        bits = L["adc"]["bits"]
-        chunks = L.get("chunks") or [{"tiles": [0, L["tiling"]["tiles_per_group"]],
-                                      "slices": [0, len(L["slicing"]["weight_slices"])], "suffix": ""}]
-        draw = draw_layer(chip, li, L["adc"]["columns"], (L["tiling"]["channels_per_tile"], *L["kernel"]), len(chunks))
+        bits = L.adc.bits
+        chunks = L.chunk_list
+        draw = draw_layer(chip, li, L.adc.columns, (L.tiling.channels_per_tile, *L.kernel), len(chunks))
         for ci, chunk in enumerate(chunks):
-            sfx = chunk["suffix"]
-            cols = record_chunk_columns(L, chunk)
+            sfx = chunk.suffix
+            cols = L.chunk_columns(chunk)
             if draw.log_factor is not None:
-                t = inits[N.tensor(L["name"], N.ARRAY_WEIGHT, sfx)]
+                t = inits[N.tensor(L.name, N.ARRAY_WEIGHT, sfx)]
                 w = numpy_helper.to_array(t).astype(np.float64)
                 lf = draw.log_factor
                 factor = np.exp(lf[cols][:, :w.shape[1]] if np.ndim(lf) else lf)
                 t.CopyFrom(numpy_helper.from_array((w * factor).astype(np.float32), t.name))
             if chip.adc != "nonideal":
                 continue
-            node = nodes.get(N.node(L["name"], N.ADC, sfx))
+            node = nodes.get(N.node(L.name, N.ADC, sfx))
             if node is None or node.op_type not in N.NONIDEAL_OP:
-                raise PimcError(f"'{source}': layer '{L['name']}' has no ideal ADC node '{N.node(L['name'], N.ADC, sfx)}'; "
+                raise PimcError(f"'{source}': layer '{L.name}' has no ideal ADC node '{N.node(L.name, N.ADC, sfx)}'; "
                                 f"recompile it with this pimc version")
             if bits not in luts:
                 luts[bits] = N.chip_lut(bits)
                 out.graph.initializer.append(numpy_helper.from_array(transfer_lut(chip, bits), luts[bits]))
-            g_name, o_name = N.tensor(L["name"], N.CHIP_GAIN, sfx), N.tensor(L["name"], N.CHIP_OFFSET, sfx)
+            g_name, o_name = N.tensor(L.name, N.CHIP_GAIN, sfx), N.tensor(L.name, N.CHIP_OFFSET, sfx)
             out.graph.initializer.extend([
                 numpy_helper.from_array(draw.gain[cols].reshape(1, -1, 1, 1), g_name),
                 numpy_helper.from_array(draw.offset[cols].reshape(1, -1, 1, 1), o_name)])

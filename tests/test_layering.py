@@ -102,3 +102,17 @@ def test_the_core_imports_nothing_else_of_pimc():
     for p in (ROOT / "pimc" / "core").rglob("*.py"):
         for imp in _imports(p, _module_of(p)):
             assert imp.startswith("pimc.core"), f"{p.name} imports {imp}"
+
+
+def test_compiled_mappings_are_read_only_through_the_typed_mapping():
+    """Outside pimc/mapping.py nobody parses the metadata record or digs in it by key; the
+    writers (the compiler's model, BN calibration rewriting its record) write whole records."""
+    reading = re.compile(r"""json\.loads\([^)]*pimc\.mapping|mapping\[["']layers["']\]|\bL\[["']|L\.get\(""")
+    offenders = []
+    for p in SOURCES:
+        if p.relative_to(ROOT).as_posix() == "pimc/mapping.py":
+            continue
+        for i, ln in enumerate(_code(p).splitlines(), 1):
+            if reading.search(ln):
+                offenders.append(f"{p.relative_to(ROOT)}:{i}: {ln.strip()}")
+    assert not offenders, "\n".join(offenders)

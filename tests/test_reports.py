@@ -49,8 +49,8 @@ def test_bn_calibration_cli_writes_a_recalibrated_model(digits, tmp_path, capsys
     rec = json.loads(meta["pimc.bn_calibration"])
     assert rec["chip"]["chip_seed"] == 3 and rec["images"] == 64 and len(rec["layers"]) == 3
     old, new = read_mapping(onnx.load(pim)), read_mapping(m)
-    assert any(a["bn_stats"]["mean"] != b["bn_stats"]["mean"] for a, b in zip(old["layers"], new["layers"])
-               if "bn_stats" in a)
+    assert any(a.bn_stats["mean"] != b.bn_stats["mean"] for a, b in zip(old.layers, new.layers)
+               if a.bn_stats is not None)
     # a model whose BN was folded into the weights has nothing to recalibrate; the output is never written
     folded = tmp_path / "w.pim.onnx"
     assert main(["compile", model, "-o", str(folded), "-q", "--scheme", "differential"]) == 0
