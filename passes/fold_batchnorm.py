@@ -47,6 +47,9 @@ class FoldBatchNorm(Transformation):
             if gamma.shape != (plan.cout,):
                 continue
             eps = float(bn.attrs.get("epsilon", 1e-5))
+            if plan.bn_output is None:   # the first BatchNorm after the layer (a second one is folded too)
+                plan.source_initializers.update(zip(("bn_scale", "bn_bias", "bn_mean", "bn_var"),
+                                                    (t.name for t in params)))
             s = gamma / np.sqrt(var + eps)
             t = beta - mean * s
             if model.config.fold_bn == "weights":

@@ -54,6 +54,8 @@ class SelectCrossbarLayers(Transformation):
             if plan is None:
                 model.digital_ops.append({"node": node.name, "op_type": node.op, "reason": reason})
                 continue
+            plan.source_initializers = {k: node.inputs[i].name for k, i in (("weight", 1), ("bias", 2))
+                                        if len(node.inputs) > i and node.inputs[i] is not None and node.inputs[i].name}
             if model.config.pim:
                 check_kernel_fits(plan, model.config.array_rows, model.config.tile_mode)
             node.inputs.clear()

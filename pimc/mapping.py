@@ -96,6 +96,9 @@ class LayerPlan:
     slicing: SlicePlan | None = None
     adc: AdcPlan | None = None
     chunks: list[tuple[int, int, int, int]] | None = None   # (t0, t1, s0, s1) per chunk of array columns
+    # names of the source model's initializers this layer was built from (weight, bias, BatchNorm
+    # scale/bias/mean/var): both torch exporters name them after the state_dict keys
+    source_initializers: dict = field(default_factory=dict)
     nodes: list = field(default_factory=list)   # gs.Node objects currently emitted
 
     # ---- shapes ----------------------------------------------------------
@@ -188,6 +191,7 @@ class LayerPlan:
             "rows_per_column": self.rows_per_column,
             "bn": ("folded into " + self.folded_bn) if self.folded_bn else None,
             "output_spatial": self.out_spatial(),
+            "source_initializers": dict(self.source_initializers),
         }
         if self.bn_stats is not None:
             rec["bn_stats"] = {k: (float(v) if np.ndim(v) == 0 else [float(x) for x in v])
@@ -228,7 +232,21 @@ class LayerPlan:
             rec["adc"] = {"bits": ad.bits, "range": ad.range, "columns": self.n_columns,
                           "scale_tensor": N.tensor(self.name, N.ADC_SCALE, "<suffix>"),
                           "zero_point_tensor": N.tensor(self.name, N.ADC_ZERO_POINT, "<suffix>"),
-                          "lossless_columns": int(np.sum((ad.scale == 1.0) & (ad.s_max - ad.s_min + 1 <= 2 ** ad.bits)))}
+                          "lossless_columns": int(np.sum((ad.scale == 1.0) & (ad.s_max - ad.s_min + 1 <= 2 ** ad.bits))),
+                          # per array column, (group, tile, slice, out_channel) order: as in the IR's initializers
+                          "step": [float(v) for v in np.asarray(ad.scale, np.float32)],
+                          "zero_point": [float(v) for v in np.asarray(ad.zero_point, np.float32)]}
+        if self.tiling and self.weight_quant:
+            n = len(self.chunks) if self.chunks else 1
+            sfx = [N.chunk_suffix(i, n) for i in range(n)]
+            rec["tensors"] = {"array_weight": [N.tensor(self.name, N.ARRAY_WEIGHT, s) for s in sfx],
+                              "array_mac": [N.output(self.name, N.ARRAY_MAC, s) for s in sfx],
+                              "out_scale": N.tensor(self.name, N.OUT_SCALE),
+                              "dequantize": N.node(self.name, N.DEQUANTIZE)}
+            if self.adc:
+                rec["tensors"].update(adc=[N.node(self.name, N.ADC, s) for s in sfx],
+                                      adc_scale=[N.tensor(self.name, N.ADC_SCALE, s) for s in sfx],
+                                      adc_zero_point=[N.tensor(self.name, N.ADC_ZERO_POINT, s) for s in sfx])
         if self.tiling:
             sp = self.out_spatial()
             per_pixel = self.n_planes * self.n_columns
@@ -330,6 +348,8 @@ class AdcRecord:
     scale_tensor: str
     zero_point_tensor: str
     lossless_columns: int
+    step: list          # per array column: the ADC step Delta
+    zero_point: list    # per array column: the integer zero point z
 
 
 @dataclass(frozen=True)
@@ -367,6 +387,8 @@ class LayerMapping:
     adc: AdcRecord | None = None
     conversions_per_output_pixel: int | None = None
     conversions_per_inference: int | None = None
+    source_initializers: dict | None = None   # weight, bias, bn_scale, bn_bias, bn_mean, bn_var -> name
+    tensors: dict | None = None               # the layer's IR tensor and node names (pimc.core.names), per chunk
 
     @classmethod
     def from_record(cls, rec: dict) -> "LayerMapping":

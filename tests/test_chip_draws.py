@@ -63,3 +63,23 @@ def test_the_typed_mapping_is_the_record_and_old_irs_are_refused(tmp_path, capsy
     assert main(["run", str(tmp_path / "old.pim.onnx"), "--input", str(tmp_path / "x.npy"), "--adc", "nonideal"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "older pimc (IR version 1" in err[0] and "recompile" in err[0]
+
+
+def test_the_mapping_holds_adc_steps_and_the_ir_names(tmp_path):
+    model, data = embedded_files()
+    np.save(tmp_path / "calib.npy", np.load(data)["x_calib"])
+    res = pimc.compile_model(model, scheme="bit-serial", cell_bits=1, weight_bits=4, input_bits=4, adc_bits=5,
+                             calib_data=str(tmp_path / "calib.npy"))
+    m = read_mapping(res.model)
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    nodes = {n.name for n in res.model.graph.node}
+    outputs = {o for n in res.model.graph.node for o in n.output}
+    for L in m.layers:
+        for ci, chunk in enumerate(L.chunk_list):
+            cols = L.chunk_columns(chunk)
+            assert np.array_equal(inits[L.tensors["adc_scale"][ci]].reshape(-1), np.float32(L.adc.step)[cols])
+            assert np.array_equal(inits[L.tensors["adc_zero_point"][ci]].reshape(-1), np.float32(L.adc.zero_point)[cols])
+            assert L.tensors["array_weight"][ci] in inits and L.tensors["array_mac"][ci] in outputs
+            assert L.tensors["adc"][ci] in nodes
+        assert L.tensors["out_scale"] in inits and L.tensors["dequantize"] in nodes
+        assert L.source_initializers["weight"] in {t.name for t in __import__("onnx").load(model).graph.initializer}

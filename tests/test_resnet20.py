@@ -31,7 +31,8 @@ def data(shared_dir, tmp_path_factory):
     export_onnx(model, str(paths["dynamo_static"]), "dynamo", static_batch=True)
     paths["dynamo_static_bn"] = d / "resnet20_dynamo_static_bn.onnx"      # optimize=False: BatchNorms kept
     export_onnx(model, str(paths["dynamo_static_bn"]), "dynamo", static_batch=True, optimize=False)
-    return {"x": preprocess(test["x"]), "y": test["y"].astype(np.int64), "calib": str(d / "calib.npy"), "models": paths}
+    return {"x": preprocess(test["x"]), "y": test["y"].astype(np.int64), "calib": str(d / "calib.npy"), "models": paths,
+            "checkpoint": shared_dir / "data/models/resnet20_cifar10.th"}
 
 
 def correct(model, x, y, bs=500):
@@ -103,3 +104,24 @@ def test_static_batch_dynamo_export_compiles_and_matches(data, capsys):
     # the dynamo exporter folds BatchNorm into the weights itself, in float32: weights 1 ulp apart from the
     # legacy export's float64 fold flip a few borderline ADC codes at 6 bits
     assert abs(top1["differential"]["dynamo_static"] - top1["differential"]["legacy"]) <= 5
+
+
+def test_the_mapping_names_the_state_dict_entries_of_every_layer(data):
+    """Training matches a layer to the user's module by these names: both exporters use the state_dict keys
+    (the dynamo exporter with optimize=False; with optimize=True it fuses BatchNorm and invents a bias)."""
+    from pimc.mapping import read_mapping
+    keys = set(load_resnet20(str(data["checkpoint"])).state_dict())
+    for exporter in ("legacy", "dynamo_static_bn"):
+        res = pimc.compile_model(str(data["models"][exporter]), scheme="native", fold_bn="output",
+                                 calib_data=data["calib"])
+        for L in read_mapping(res.model).layers:
+            names = L.source_initializers
+            assert names["weight"] in keys, (exporter, L.name, names)
+            # (the dynamo exporter gives bias-free Convs a zero bias of its own, e.g. 'val_5')
+            assert {v for k, v in names.items() if k != "bias"} <= keys, (exporter, L.name, names)
+            if L.op_type == "Gemm":
+                assert names["bias"] == "linear.bias"
+            if L.op_type == "Conv":
+                prefix = names["weight"][: -len("weight")]
+                bn = prefix.replace("conv", "bn")
+                assert names["bn_scale"] == bn + "weight" and names["bn_var"] == bn + "running_var"
