@@ -1,5 +1,6 @@
 """Chip draws are a pure function of (chip, layer, sizes); instantiate writes exactly them."""
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 import pimc
@@ -8,11 +9,15 @@ from pimc.demo import embedded_files
 from pimc.runtime.chip import build_chip_config, draw_layer, instantiate, read_mapping
 
 
-def test_draws_are_pure_and_instantiate_writes_them(tmp_path):
+def _bit_serial_digits(**kw):
+    """The embedded digits CNN, bit-serial W4A4 with 1-bit cells and a 5-bit ADC, calibrated in memory."""
     model, data = embedded_files()
-    np.save(tmp_path / "calib.npy", np.load(data)["x_calib"])
-    res = pimc.compile_model(model, scheme="bit-serial", cell_bits=1, weight_bits=4, input_bits=4, adc_bits=5,
-                             calib_data=str(tmp_path / "calib.npy"))
+    return pimc.compile_model(model, scheme="bit-serial", cell_bits=1, weight_bits=4, input_bits=4, adc_bits=5,
+                              calib_inputs=np.load(data)["x_calib"], **kw)
+
+
+def test_draws_are_pure_and_instantiate_writes_them():
+    res = _bit_serial_digits()
     mapping = read_mapping(res.model)
     chip = build_chip_config(preset="pimqat-chip7", chip_seed=11, device_sigma_cell=0.02, device_sigma_chip=0.01)
     chipped = instantiate(res.model, chip)
@@ -65,11 +70,8 @@ def test_the_typed_mapping_is_the_record_and_old_irs_are_refused(tmp_path, capsy
     assert len(err) == 1 and "older pimc (IR version 1" in err[0] and "recompile" in err[0]
 
 
-def test_the_mapping_holds_adc_steps_and_the_ir_names(tmp_path):
-    model, data = embedded_files()
-    np.save(tmp_path / "calib.npy", np.load(data)["x_calib"])
-    res = pimc.compile_model(model, scheme="bit-serial", cell_bits=1, weight_bits=4, input_bits=4, adc_bits=5,
-                             calib_data=str(tmp_path / "calib.npy"))
+def test_the_mapping_holds_adc_steps_and_the_ir_names():
+    res = _bit_serial_digits()
     m = read_mapping(res.model)
     inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     nodes = {n.name for n in res.model.graph.node}
@@ -82,4 +84,4 @@ def test_the_mapping_holds_adc_steps_and_the_ir_names(tmp_path):
             assert L.tensors["array_weight"][ci] in inits and L.tensors["array_mac"][ci] in outputs
             assert L.tensors["adc"][ci] in nodes
         assert L.tensors["out_scale"] in inits and L.tensors["dequantize"] in nodes
-        assert L.source_initializers["weight"] in {t.name for t in __import__("onnx").load(model).graph.initializer}
+        assert L.source_initializers["weight"] in {t.name for t in onnx.load(embedded_files()[0]).graph.initializer}
