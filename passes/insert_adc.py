@@ -24,6 +24,7 @@ import onnx
 
 from pimc.calibration import run_with_probes
 from pimc.core import names as N
+from pimc.core.planning import adc_params
 from pimc.lowering import array_weights, chunk_columns, emit_layer, tile_classes
 from pimc.mapping import AdcPlan, LayerPlan
 from pimc.model import PimModel
@@ -37,13 +38,6 @@ def full_range(p: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
     s_max = (pos * hi + neg * lo).sum(1)
     s_min = (pos * lo + neg * hi).sum(1)
     return s_min, s_max
-
-
-def adc_params(s_min: np.ndarray, s_max: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    span = np.maximum(s_max - s_min, 0)
-    delta = np.maximum(1.0, span / (2 ** bits - 1)).astype(np.float32)
-    z = np.round(-s_min / delta).astype(np.float32)
-    return delta, z
 
 
 class InsertAdc(Transformation):

@@ -22,6 +22,7 @@ import onnx
 
 from pimc.calibration import run_with_probes
 from pimc.core import names as N
+from pimc.core.planning import input_scale
 from pimc.lowering import emit_layer
 from pimc.mapping import InputQuant
 from pimc.model import PimModel
@@ -82,14 +83,8 @@ class QuantizeActivations(Transformation):
             for i, p in enumerate(todo):
                 lo = float(np.min(res[2 * i]))
                 hi = float(np.max(res[2 * i + 1]))
-                signed = lo < 0
-                if signed:
-                    scale = max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1) if bits > 1 else max(abs(lo), abs(hi))
-                else:
-                    scale = hi / (2 ** bits - 1)
-                if not np.isfinite(scale) or scale <= 0:
-                    scale = 1.0
-                p.input_quant = InputQuant(scale=float(np.float32(scale)), bits=bits, signed=bool(signed),
+                scale, signed = input_scale(lo, hi, bits)
+                p.input_quant = InputQuant(scale=scale, bits=bits, signed=signed,
                                            source=model.calibration.get("source", "calibration"),
                                            observed_min=lo, observed_max=hi)
             for i, p in enumerate(plans):

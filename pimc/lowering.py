@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from .core import names as N
 from .core.names import DOMAIN
+from .core.planning import output_affine
 from .mapping import LayerPlan, column_indices
 
 
@@ -58,13 +59,9 @@ class _Emitter:
 
 
 def float_affine(plan: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-column (scale, shift) applied after the MACs: kept BN and bias."""
-    cout = plan.cout
-    bias = plan.bias if plan.bias is not None else np.zeros(cout, np.float32)
-    if plan.bn_output is not None:
-        s, t = plan.bn_output
-        return s.astype(np.float32), (bias * s + t).astype(np.float32)
-    return np.ones(cout, np.float32), (plan.bias.astype(np.float32) if plan.bias is not None else None)
+    """Per-column (scale, shift) applied after the float MACs: kept BN and bias."""
+    s, t = plan.bn_output if plan.bn_output is not None else (np.ones(plan.cout, np.float32), None)
+    return output_affine(1.0, np.ones(plan.cout, np.float32), s, plan.bias, t)
 
 
 def emit_layer(graph: gs.Graph, plan: LayerPlan) -> None:
@@ -108,7 +105,7 @@ def _build(em: _Emitter, p: LayerPlan) -> None:
         q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], "q_in",
                   {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
         acc = _integer_core(em, p, q)
-        out_scale = (np.float32(iq.scale) * wq.scale.astype(np.float32) * scale).astype(np.float32)
+        out_scale, _ = output_affine(iq.scale, wq.scale, scale, None, None)
         # a kept BatchNorm always gets its Add, so that calibrate-bn can rewrite the shift
         has_shift = shift is not None and (p.bn_stats is not None or bool(np.any(shift != 0)))
         y = em.op("Mul", [acc, em.const(N.OUT_SCALE, out_scale.reshape(1, -1, 1, 1))], N.DEQUANTIZE,
