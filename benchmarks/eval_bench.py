@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
 
-    from pimc.config import CompileConfig
+    from pimc.core.config import CompileConfig
     from pimc.datasets import CIFAR_NORMALISATION
     from pimc.evaluate import evaluate, load_eval_data
     from pimc.executor import LocalExecutor

@@ -122,7 +122,7 @@ def main():
 
     import pimc
     from pimc.runtime import open_session
-    from pimc.runtime.chip import build_chip_config
+    from pimc.core.chip import build_chip_config
     from pimc.runtime.native import native_library
     from resnet20_cifar import export_onnx, load_resnet20, preprocess
 

@@ -47,12 +47,12 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     a = ap.parse_args()
 
-    from pimc.config import CompileConfig
+    from pimc.core.config import CompileConfig
     from pimc.datasets import CIFAR_NORMALISATION
     from pimc.evaluate import evaluate, load_eval_data, write_report
     from pimc.htmlreport import plot_sweep
     from pimc.io import write_bytes_atomic
-    from pimc.runtime.chip import build_chip_config
+    from pimc.core.chip import build_chip_config
     from pimc.sweep import sweep
     from resnet20_cifar import export_onnx, load_resnet20
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx
 
-from pimc.errors import PimcError
+from pimc.core.errors import PimcError
 from pimc.model import PimModel
 from .base import Transformation
 

@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from pimc.runtime.session import open_session
+
 BATCH_DIM = "batch"
 
 
@@ -152,16 +154,14 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _check(original: onnx.ModelProto, cand: onnx.ModelProto, batch: int) -> str | None:
     """None when ``cand`` behaves as a batch-independent version of ``original``, else why not."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 4   # a failing run is an answer here, not an error to print
     rng = np.random.default_rng(0)
     feed = _feed(original, batch + 1, rng)
     if feed is None:
         return "an input has no shape"
     try:
-        s0 = ort.InferenceSession(original.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        s1 = ort.InferenceSession(cand.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        # a failing run is an answer here, not an error to print
+        s0 = open_session(original, fusions=True, quiet=True)
+        s1 = open_session(cand, fusions=True, quiet=True)
         ref = s0.run(None, {k: v[:batch] for k, v in feed.items()})
         got_b = s1.run(None, {k: v[:batch] for k, v in feed.items()})
         got = s1.run(None, feed)

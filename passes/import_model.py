@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 # graphsurgeon logs warnings (and a hint to install "colored") on stdout
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-from pimc.errors import PimcError
+from pimc.core.errors import PimcError
 from pimc.model import PimModel
 from .base import Transformation
 from .free_batch import free_batch

@@ -24,20 +24,11 @@ import onnx
 
 from pimc.calibration import run_with_probes
 from pimc.core import names as N
-from pimc.core.planning import adc_params
-from pimc.lowering import array_weights, chunk_columns, emit_layer, tile_classes
-from pimc.mapping import AdcPlan, LayerPlan
+from pimc.core.mapping import AdcPlan
+from pimc.core.planning import adc_params, chunk_columns, full_range, tile_classes
+from pimc.lowering import emit_layer
 from pimc.model import PimModel
 from .base import Transformation
-
-
-def full_range(p: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
-    w = array_weights(p).reshape(p.n_columns, -1).astype(np.float64)
-    lo, hi = p.slicing.input_range
-    pos, neg = np.clip(w, 0, None), np.clip(w, None, 0)
-    s_max = (pos * hi + neg * lo).sum(1)
-    s_min = (pos * lo + neg * hi).sum(1)
-    return s_min, s_max
 
 
 class InsertAdc(Transformation):

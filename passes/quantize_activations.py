@@ -24,7 +24,7 @@ from pimc.calibration import run_with_probes
 from pimc.core import names as N
 from pimc.core.planning import input_scale
 from pimc.lowering import emit_layer
-from pimc.mapping import InputQuant
+from pimc.core.mapping import InputQuant
 from pimc.model import PimModel
 from .base import Transformation
 

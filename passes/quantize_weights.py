@@ -11,20 +11,11 @@ This model is *the* digital quantized reference of every PIM compile.
 """
 from __future__ import annotations
 
-import numpy as np
-
+from pimc.core.mapping import WeightQuant
+from pimc.core.planning import quantize_columns
 from pimc.lowering import emit_layer
-from pimc.mapping import WeightQuant
 from pimc.model import PimModel
 from .base import Transformation
-
-
-def quantize_columns(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    qmax = 2 ** (bits - 1) - 1
-    amax = np.max(np.abs(w.reshape(w.shape[0], -1)), axis=1).astype(np.float32)
-    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
-    q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.float32)
-    return q, scale
 
 
 class QuantizeWeights(Transformation):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from pimc.errors import PimcError
+from pimc.core.errors import PimcError
+from pimc.core.mapping import LayerPlan
+from pimc.core.planning import check_kernel_fits
 from pimc.lowering import emit_layer
-from pimc.mapping import LayerPlan
 from pimc.model import PimModel
 from .base import Transformation
-from .tile_crossbars import check_kernel_fits
 
 MAC_OPS = ("Conv", "Gemm", "MatMul")
 

@@ -21,67 +21,14 @@ Exact: outputs do not change by a single bit.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from pimc.lowering import emit_layer, tile_classes
-from pimc.mapping import SlicePlan
-from pimc.model import PimModel
 from pimc.core.formulas import input_range, plane_weights
+from pimc.core.mapping import SlicePlan
+from pimc.core.planning import plan_chunks, plan_slices
+from pimc.lowering import emit_layer
+from pimc.model import PimModel
 from .base import Transformation
-
-
-def split_unsigned(v: np.ndarray, bits: int, cell: int) -> list[np.ndarray]:
-    """Non-negative integers of ``bits`` bits -> unsigned cells, LSB cell first."""
-    n = math.ceil(bits / cell)
-    return [np.floor(v / 2 ** (cell * j)) % (2 ** cell) for j in range(n)]
-
-
-def split_signed(v: np.ndarray, bits: int, cell: int) -> list[np.ndarray]:
-    """Signed integers of ``bits`` bits -> unsigned low cells and a signed top cell."""
-    n = math.ceil(bits / cell)
-    top_shift = 2 ** (cell * (n - 1))
-    low = np.mod(v, top_shift)
-    top = np.floor(v / top_shift)
-    return split_unsigned(low, cell * (n - 1), cell)[: n - 1] + [top] if n > 1 else [v]
-
-
-def plan_slices(bits_w: int, cell_bits: int, differential: bool, q: np.ndarray):
-    if differential:
-        mag = bits_w - 1
-        c = cell_bits or mag
-        pos = split_unsigned(np.maximum(q, 0), mag, c)
-        neg = split_unsigned(np.maximum(-q, 0), mag, c)
-        names = [f"pos.c{j}" for j in range(len(pos))] + [f"neg.c{j}" for j in range(len(neg))]
-        coef = [2.0 ** (c * j) for j in range(len(pos))] + [-(2.0 ** (c * j)) for j in range(len(neg))]
-        cell_range = (0, 2 ** c - 1)
-        weights = pos + neg
-    else:
-        c = cell_bits or bits_w
-        weights = split_signed(q, bits_w, c)
-        names = [f"c{j}" for j in range(len(weights))]
-        coef = [2.0 ** (c * j) for j in range(len(weights))]
-        top_bits = bits_w - c * (len(weights) - 1)
-        cell_range = (-(2 ** (top_bits - 1)), 2 ** c - 1 if len(weights) > 1 else 2 ** (top_bits - 1) - 1)
-    return names, np.array(coef, np.float32), cell_range, np.stack(weights).astype(np.float32)
-
-
-REFERENCE_BATCH = 256
-
-
-def plan_chunks(p, chunk_mib: int) -> list[tuple[int, int, int, int]]:
-    """Split the (tile, slice) pairs so each chunk's partial sums fit the budget.
-
-    Tiles of different widths never share a chunk (see lowering.tile_classes).
-    """
-    T, S = p.n_tiles, p.n_slices
-    spatial = p.out_spatial() or [32, 32]
-    pair_bytes = 4 * p.n_planes * REFERENCE_BATCH * p.group * p.cout_g * int(np.prod(spatial))
-    pairs = max(1, int(chunk_mib * 2 ** 20 // pair_bytes))
-    if pairs >= S:
-        return tile_classes(p, 0, S, step=max(1, pairs // S))
-    return [(t, t + 1, s, min(s + pairs, S)) for t in range(T) for s in range(0, S, pairs)]
 
 
 class SplitSlices(Transformation):

@@ -9,8 +9,8 @@ Public entry points::
 """
 __version__ = "0.1.0"
 
-from .errors import PimcError  # noqa: E402
-from .config import CompileConfig, build_config  # noqa: E402
+from .core.errors import PimcError  # noqa: E402
+from .core.config import CompileConfig, build_config  # noqa: E402
 
 
 def compile_model(*args, **kwargs):

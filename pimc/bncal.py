@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from .core import names as N
 from .core.planning import output_affine
-from .errors import PimcError
+from .core.errors import PimcError
 
 
 def bn_layers(mapping) -> list:
@@ -39,7 +39,7 @@ def bn_layers(mapping) -> list:
 
 def _dataflow_order(model: onnx.ModelProto, layers: list) -> list:
     """The layers sorted so that every layer comes after those feeding it (networkx)."""
-    from .mapping import layer_graph
+    from .core.mapping import layer_graph
     g = layer_graph(model)
     pos = {n: i for i, n in enumerate(nx.topological_sort(g))}
     return sorted(layers, key=lambda L: pos.get(N.node(L.name, N.DEQUANTIZE), 0))
@@ -88,7 +88,7 @@ def calibrate_bn(model: onnx.ModelProto, chip, x: np.ndarray, *, batch: int = 64
     calibration images ``x`` (preprocessed).  Returns (new model, record)."""
     import dataclasses
 
-    from .mapping import read_mapping
+    from .core.mapping import read_mapping
 
     mapping = read_mapping(model, source)
     layers = bn_layers(mapping)

@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from .errors import PimcError
+from .core.errors import PimcError
 from .io import load_array_file
 from .model import PimModel
+from pimc.runtime.session import open_session, run_batches
 
 BATCH = 64
 
@@ -129,10 +129,7 @@ def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
     del proto.graph.output[:]
     for n in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    from pimc.runtime.session import run_batches
+    sess = open_session(proto, fusions=True)
     out: list[list[np.ndarray]] = [[] for _ in names]
     # probes reduce over the batch: the padding rows of a fixed-batch model repeat a sample and change no min/max
     for _, _, res in run_batches(sess, names, feed, BATCH, trim=False):

@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import ADC_RANGES, FOLD_BN, PRESETS, SCHEMES, TILE_MODES, CompileConfig
-from .errors import PimcError
+from .core.config import ADC_RANGES, FOLD_BN, PRESETS, SCHEMES, TILE_MODES, CompileConfig
+from .core.errors import PimcError
 
 _D = CompileConfig()
 
@@ -104,7 +104,7 @@ def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, v
     """Compile MODEL (an ONNX file) to the PIM IR."""
     import json
 
-    from .config import build_config
+    from .core.config import build_config
     from .io import check_output_path, load_onnx, write_bytes_atomic
     from .pipeline import compile_model, refuse_compiled
     from .summary import mapping_summary
@@ -140,7 +140,7 @@ def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, v
 @cli.command("presets")
 def presets_cmd():
     """List the named compile configurations (--preset) and chips (--chip-preset)."""
-    from pimc.runtime.chip import CHIP_PRESETS
+    from pimc.core.chip import CHIP_PRESETS
     click.echo("compile presets (--preset, for pimc compile, eval and sweep):")
     for name, (desc, vals) in PRESETS.items():
         click.echo(f"  {name}\n    {desc}\n    " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vals.items()))
@@ -182,7 +182,7 @@ def run_cmd(model, inputs, output, chip_preset, hw, batch_size, function_bodies,
     import numpy as np
 
     from .io import check_output_path, load_array_file, write_bytes_atomic
-    from pimc.runtime.chip import build_chip_config
+    from pimc.core.chip import build_chip_config
     from pimc.runtime.session import open_session, run_batches
 
     if batch_size < 1:
@@ -322,13 +322,12 @@ def _split_chip_opts(opts: dict, default_adc: str = "nonideal") -> dict:
 def _eval_setup(model: Path, opts: dict, plots: bool, command: str) -> tuple:
     """Pop the data, evaluation, chip and compile options of `pimc eval` / `pimc sweep`
     from ``opts``; return (data path, compile config, the other evaluate() arguments)."""
-    from .config import build_config
+    from .core.config import build_config
     from .evaluate import _Progress
     from .executor import make_executor
     from .io import load_onnx
     from .pipeline import refuse_compiled
-    from pimc.runtime.chip import build_chip_config
-
+    from pimc.core.chip import build_chip_config
     refuse_compiled(load_onnx(model), str(model), command)
 
     e = {k: opts.pop(k) for k in ("data", "scale", "mean", "std", "layout", "batch_size", "split", "calib_from",
@@ -416,8 +415,7 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
     from .bncal import calibrate_bn
     from .datasets import load_images, preprocess
     from .io import load_onnx, write_bytes_atomic
-    from pimc.runtime.chip import build_chip_config
-
+    from pimc.core.chip import build_chip_config
     if images < 1 or batch_size < 1:
         raise PimcError("--images and --batch-size must be >= 1")
     if output.resolve() == model.resolve():

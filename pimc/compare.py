@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import PimcError
+from .core.errors import PimcError
 from .evaluate import LABELS, top1_of
 
 

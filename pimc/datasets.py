@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PimcError
+from .core.errors import PimcError
 
 CIFAR_NORMALISATION = {"scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "layout": "NCHW"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

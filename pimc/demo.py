@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import build_config
+from .core.config import build_config
 from .pipeline import compile_model
 from .summary import mapping_summary
 from pimc.runtime import open_session

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .config import CompileConfig
+from .core.config import CompileConfig
 from .datasets import has_splits, load_images, preprocess
-from .errors import PimcError
+from .core.errors import PimcError
 
 
 def _versions() -> dict:
@@ -110,8 +110,7 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
     ``loaded`` is ``load_eval_data``'s result when the caller has it already."""
     from .executor import LocalExecutor
     from .pipeline import compile_model
-    from pimc.runtime.chip import ChipConfig, build_chip_config
-
+    from pimc.core.chip import ChipConfig, build_chip_config
     prep = prep or {}
     # calibration images are real here, and they come from the calibration split (never a file of the config)
     config = config.resolved(real_calibration=True).replace(calib_data=None)
@@ -190,7 +189,7 @@ def _layer_report(models, chip_list, calibrated, xs, log=None) -> list[dict]:
     (if any) the first chip after BN calibration, merged per layer."""
     import onnx
     from .layerstats import layer_stats
-    from .mapping import read_mapping
+    from .core.mapping import read_mapping
     from pimc.runtime.chip import instantiate
     pim = models["ideal_pim"]
     mapping = read_mapping(pim)

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .errors import PimcError
+from .core.errors import PimcError
 
 
 def topk(logits: np.ndarray, y: np.ndarray, k: int) -> int:

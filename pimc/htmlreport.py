@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import PimcError
+from .core.errors import PimcError
 from .evaluate import LABELS
 
 

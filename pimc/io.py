@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import PimcError
+from .core.errors import PimcError
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""Emit a crossbar layer's ONNX nodes from its :class:`~pimc.mapping.LayerPlan`.
+"""Emit a crossbar layer's ONNX nodes from its :class:`~pimc.core.mapping.LayerPlan`.
 
 The passes decide (fill in the plan); this module only writes what the plan
 says, at whatever stage the plan is:
@@ -25,8 +25,8 @@ import onnx_graphsurgeon as gs
 
 from .core import names as N
 from .core.names import DOMAIN
-from .core.planning import output_affine
-from .mapping import LayerPlan, column_indices
+from .core.mapping import LayerPlan
+from .core.planning import array_weights, chunk_columns, chunk_width, output_affine, tile_classes
 
 
 class _Emitter:
@@ -183,52 +183,3 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
     return em.op("Sum", parts, "sum_chunks")
 
 
-def chunk_width(p: LayerPlan, t0: int, t1: int) -> int:
-    """Input channels the tiles t0..t1 need: padding slots past the last real one are dropped."""
-    ch = p.tiling.channel[t0:t1]
-    used = np.nonzero(np.any(ch >= 0, axis=0))[0]
-    return int(used[-1]) + 1 if used.size else 1
-
-
-def tile_classes(p: LayerPlan, s0: int, s1: int, step: int | None = None) -> list[tuple[int, int, int, int]]:
-    """Chunks over tiles (at most ``step`` per chunk) that never mix tiles of different widths.
-
-    In channel mode the last tile often holds fewer channels; giving it its own
-    array conv avoids multiplying padding channels.
-    """
-    T = p.n_tiles
-    widths = [chunk_width(p, t, t + 1) for t in range(T)]
-    out, t = [], 0
-    while t < T:
-        e = t + 1
-        while e < T and widths[e] == widths[t] and (step is None or e - t < step):
-            e += 1
-        out.append((t, e, s0, s1))
-        t = e
-    return out
-
-
-def chunk_columns(p: LayerPlan, chunk) -> np.ndarray:
-    """Global column indices (group, tile, slice, out_channel order) of a chunk."""
-    return column_indices(p.group, p.n_tiles, p.n_slices, p.cout_g, *chunk)
-
-
-def array_weights(p: LayerPlan) -> np.ndarray:
-    """Cell values of every array column: (G*T*S*cout_g, m, kh, kw).
-
-    Column order (group, tile, slice, out_channel); row j of a tile holds local
-    input channel ``tiling.channel[t, j]`` (zero for padding slots and for
-    kernel rows of another tile in row mode).
-    """
-    tp, sp, wq = p.tiling, p.slicing, p.weight_quant
-    slices = sp.weights if sp is not None else wq.q[None]
-    g, T, S, cout_g = p.group, tp.tiles, slices.shape[0], p.cout_g
-    kh, kw = p.kernel
-    wt = np.zeros((g, T, S, cout_g, tp.width, kh, kw), np.float32)
-    for gi in range(g):
-        rows = slice(gi * cout_g, (gi + 1) * cout_g)
-        for t in range(T):
-            for j, c in enumerate(tp.channel[t]):
-                if c >= 0:
-                    wt[gi, t, :, :, j] = slices[:, rows, c] * tp.mask[t, j]
-    return wt.reshape(g * T * S * cout_g, tp.width, kh, kw)

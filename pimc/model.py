@@ -15,8 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .config import CompileConfig
-from .mapping import LayerPlan
+from .core.config import CompileConfig
+from .core.mapping import LayerPlan
 from .core.names import DOMAIN, DOMAIN_VERSION
 from pimc.runtime.ops import function_protos
 
@@ -68,7 +68,7 @@ class PimModel:
         model.ir_version = IR_VERSION_MAX
         model.producer_name = "pimc"
         model.producer_version = __version__
-        from .mapping import IR_VERSION
+        from .core.mapping import IR_VERSION
         meta = {"pimc.version": __version__, "pimc.ir_version": str(IR_VERSION), "pimc.config": self.config.to_json(),
                 "pimc.mapping": json.dumps(self.mapping(), sort_keys=True), "pimc.stage": self.stage,
                 **self.carried_metadata}

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .config import CompileConfig, build_config
-from .errors import PimcError
+from .core.config import CompileConfig, build_config
+from .core.errors import PimcError
 from .io import load_onnx, save_onnx_atomic
 from .model import PimModel
 from pimc import passes as P
@@ -72,7 +72,7 @@ def refuse_compiled(proto: onnx.ModelProto, source: str, command: str) -> None:
     """A one-line error when ``proto`` is already a pimc PIM IR: compiling it again would
     map the IR's own array ops a second time and report wrong figures."""
     from .core.names import DOMAIN
-    from .mapping import compiled_source
+    from .core.mapping import compiled_source
     src = compiled_source(proto)
     if src is None and not any(o.domain == DOMAIN for o in proto.opset_import):
         return

@@ -10,7 +10,7 @@ def _fmt(n) -> str:
 
 def mapping_summary(mapping, config: dict) -> str:
     """The table printed after a compile; ``mapping`` is a CompiledMapping or its JSON record."""
-    from .mapping import CompiledMapping
+    from .core.mapping import CompiledMapping
     if isinstance(mapping, dict):
         mapping = CompiledMapping.from_record(mapping)
     lines = []

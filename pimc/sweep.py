@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 
-from .config import SCHEMES, CompileConfig
-from .errors import PimcError
+from .core.config import SCHEMES, CompileConfig
+from .core.errors import PimcError
 from .evaluate import _versions, evaluate, load_eval_data, top1_of
 
 PIM_SCHEMES = [s for s in SCHEMES if s not in ("float", "digital")]

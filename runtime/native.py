@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pimc.errors import PimcError
+from pimc.core.errors import PimcError
 
 SOURCE = Path(__file__).parent / "native" / "pimc_ops.cc"
 # Built on the machine that runs it, so -march=native (AVX2 where there is one);

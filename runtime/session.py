@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 
 from pimc.core import names as N
-from pimc.errors import PimcError
+from pimc.core.errors import PimcError
 
 ort.set_default_logger_severity(3)
 
@@ -23,21 +23,26 @@ EXACTNESS_DISABLED_OPTIMIZERS = ("ConvMulFusion", "ConvAddFusion", "ConvBNFusion
 
 
 def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int = 0,
-                 native: bool | None = None) -> ort.InferenceSession:
+                 native: bool | None = None, fusions: bool = False, quiet: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session on a PIM IR model (path, bytes or ModelProto).
 
     ``chip``: None or "ideal" (the compiled ideal model), "nonideal" (the
     non-ideal ADC with the PIM-QAT chip defaults), a chip preset name, or a
-    :class:`~pimc.runtime.chip.ChipConfig`; ``chip_seed`` picks the chip
+    :class:`~pimc.core.chip.ChipConfig`; ``chip_seed`` picks the chip
     instance.  A plain ONNX model opens the same way when no chip is asked for.
     The IR ops run through the native kernel library when it can be built
     (``native`` None), must (True), or never (False: the function bodies).
     The Conv-affine fusions in ``EXACTNESS_DISABLED_OPTIMIZERS`` are disabled
     (see there), and for PIM models the blocked-layout transformer (see
     ``names.ARRAY_READER_OPS``); a plain onnxruntime session runs the same model with
-    results equal up to float rounding.
+    results equal up to float rounding.  ``fusions=True`` leaves every onnxruntime graph
+    optimization on, as in a default session: for runs of the source float model (activation
+    and ADC-range calibration, the batch check on import), which observe the model as a user's
+    default session computes it.  ``quiet`` silences onnxruntime's own error log (for callers
+    to whom a failing run is an answer).  Every pimc session is opened here.
     """
-    from .chip import CHIP_PRESETS, ChipConfig, build_chip_config, instantiate
+    from pimc.core.chip import CHIP_PRESETS, ChipConfig, build_chip_config
+    from .chip import instantiate
 
     source = str(model) if isinstance(model, (str, Path)) else "model"
     proto = _load(model)
@@ -54,7 +59,7 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
             raise PimcError(f"chip: '{chip}' is not ideal, nonideal, a chip preset or a ChipConfig")
         proto = instantiate(proto, cfg, source)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 3
     if threads:
         so.intra_op_num_threads = threads
     if native is not False:
@@ -64,8 +69,8 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
             so.register_custom_ops_library(str(lib))
         elif native:
             raise PimcError("native kernels were requested but are unavailable (see the note above)")
-    disabled = list(EXACTNESS_DISABLED_OPTIMIZERS)
-    if any(n.domain == N.DOMAIN and n.op_type in N.ARRAY_READER_OPS for n in proto.graph.node):
+    disabled = [] if fusions else list(EXACTNESS_DISABLED_OPTIMIZERS)
+    if not fusions and any(n.domain == N.DOMAIN and n.op_type in N.ARRAY_READER_OPS for n in proto.graph.node):
         disabled.append("NchwcTransformer")
     try:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],

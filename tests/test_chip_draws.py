@@ -6,9 +6,9 @@ from onnx import numpy_helper
 import pimc
 from pimc.core import names as N
 from pimc.demo import embedded_files
-from pimc.runtime.chip import build_chip_config, draw_layer, instantiate, read_mapping
-
-
+from pimc.core.chip import build_chip_config, draw_layer
+from pimc.core.mapping import read_mapping
+from pimc.runtime.chip import instantiate
 def _bit_serial_digits(**kw):
     """The embedded digits CNN, bit-serial W4A4 with 1-bit cells and a 5-bit ADC, calibrated in memory."""
     model, data = embedded_files()
@@ -49,7 +49,7 @@ def test_the_typed_mapping_is_the_record_and_old_irs_are_refused(tmp_path, capsy
     import onnx
 
     from pimc.cli import main
-    from pimc.mapping import CompiledMapping
+    from pimc.core.mapping import CompiledMapping
     model, data = embedded_files()
     np.save(tmp_path / "calib.npy", np.load(data)["x_calib"])
     res = pimc.compile_model(model, scheme="differential", fold_bn="output", calib_data=str(tmp_path / "calib.npy"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pimc.datasets import CIFAR_NORMALISATION, load_images, preprocess
-from pimc.errors import PimcError
+from pimc.core.errors import PimcError
 
 RNG = np.random.default_rng(0)
 

@@ -5,13 +5,11 @@ import numpy as np
 import pytest
 
 from pimc.cli import main
-from pimc.config import build_config
+from pimc.core.config import build_config
 from pimc.demo import embedded_files
-from pimc.errors import PimcError
+from pimc.core.errors import PimcError
 from pimc.evaluate import evaluate
-from pimc.runtime.chip import build_chip_config
-
-
+from pimc.core.chip import build_chip_config
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     model, data = embedded_files()

@@ -35,7 +35,7 @@ import ast  # noqa: E402
 # the layers, bottom up (docs/architecture.md); a module may import its own layer and those below
 LAYERS = [
     ("core", {"pimc.core"}),
-    ("base", {"pimc.errors", "pimc.config", "pimc.io", "pimc.mapping"}),
+    ("base", {"pimc.io"}),
     ("runtime", {"pimc.runtime"}),
     ("compiler", {"pimc.lowering", "pimc.model", "pimc.calibration", "pimc.pipeline", "pimc.summary",
                   "pimc.passes"}),
@@ -99,20 +99,30 @@ def test_imports_point_down_the_layers():
 
 
 def test_the_core_imports_nothing_else_of_pimc():
+    have = {p.stem for p in (ROOT / "pimc" / "core").glob("*.py")}
+    assert {"mapping", "formulas", "planning", "names", "chip", "config", "errors"} <= have, have
     for p in (ROOT / "pimc" / "core").rglob("*.py"):
         for imp in _imports(p, _module_of(p)):
             assert imp.startswith("pimc.core"), f"{p.name} imports {imp}"
 
 
 def test_compiled_mappings_are_read_only_through_the_typed_mapping():
-    """Outside pimc/mapping.py nobody parses the metadata record or digs in it by key; the
+    """Outside pimc/core/mapping.py nobody parses the metadata record or digs in it by key; the
     writers (the compiler's model, BN calibration rewriting its record) write whole records."""
     reading = re.compile(r"""json\.loads\([^)]*pimc\.mapping|mapping\[["']layers["']\]|\bL\[["']|L\.get\(""")
     offenders = []
     for p in SOURCES:
-        if p.relative_to(ROOT).as_posix() == "pimc/mapping.py":
+        if p.relative_to(ROOT).as_posix() == "pimc/core/mapping.py":
             continue
         for i, ln in enumerate(_code(p).splitlines(), 1):
             if reading.search(ln):
                 offenders.append(f"{p.relative_to(ROOT)}:{i}: {ln.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_every_session_is_opened_by_open_session():
+    """One session opener (runtime/session.py): calibration and the batch check included."""
+    opener = ROOT / "runtime" / "session.py"
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in SOURCES if p != opener
+                 for i, ln in enumerate(_code(p).splitlines(), 1) if "InferenceSession(" in ln]
+    assert not offenders, offenders

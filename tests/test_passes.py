@@ -7,9 +7,8 @@ import pytest
 
 import pimc
 from helpers import conv_model, gemm_model, run
-from pimc.config import build_config
-from pimc.passes.split_slices import plan_slices, split_signed, split_unsigned
-from pimc.passes.tile_crossbars import plan_tiles
+from pimc.core.config import build_config
+from pimc.core.planning import plan_slices, plan_tiles, split_signed, split_unsigned
 
 RNG = np.random.default_rng(7)
 
@@ -40,7 +39,7 @@ def test_fold_bn_output_keeps_weights_unfolded_in_arrays(tmp_path):
     wts = pimc.compile_model(m, fold_bn="weights", **kw)
     # output folding quantizes the raw conv weights; weight folding the BN-scaled ones
     q_out = out.pim.layers["conv"].weight_quant.q
-    from pimc.passes.quantize_weights import quantize_columns
+    from pimc.core.planning import quantize_columns
     np.testing.assert_array_equal(q_out, quantize_columns(w, 8)[0])
     # per-column quantization is invariant to BN's positive per-channel scale: the
     # integer weights agree, and the BN scale lives in the weight scales or the output affine
@@ -74,7 +73,7 @@ def test_dynamic_batch_and_spatial_sizes(tmp_path):
 
 
 def test_plan_tiles_channel_and_row_modes():
-    from pimc.mapping import LayerPlan
+    from pimc.core.mapping import LayerPlan
     p = LayerPlan(name="l", op_type="Conv", kind="conv", x=None, y=None,
                   weight=np.zeros((4, 16, 3, 3), np.float32), bias=None)
     t = plan_tiles(p, 128, 128, "channel")

@@ -7,11 +7,11 @@ import onnx
 import pytest
 
 from pimc.cli import main
-from pimc.config import build_config
-from pimc.errors import PimcError
+from pimc.core.config import build_config
+from pimc.core.errors import PimcError
 from pimc.evaluate import evaluate
-from pimc.runtime.chip import build_chip_config, read_mapping
-
+from pimc.core.chip import build_chip_config
+from pimc.core.mapping import read_mapping
 from test_evaluate import PREP, digits, strip_timing  # noqa: F401  (digits is a fixture)
 
 DIGIT_ARGS = ["--scale", "0.0625", "--limit", "60", "--calib-samples", "64"]

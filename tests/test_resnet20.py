@@ -109,7 +109,7 @@ def test_static_batch_dynamo_export_compiles_and_matches(data, capsys):
 def test_the_mapping_names_the_state_dict_entries_of_every_layer(data):
     """Training matches a layer to the user's module by these names: both exporters use the state_dict keys
     (the dynamo exporter with optimize=False; with optimize=True it fuses BatchNorm and invents a bias)."""
-    from pimc.mapping import read_mapping
+    from pimc.core.mapping import read_mapping
     keys = set(load_resnet20(str(data["checkpoint"])).state_dict())
     for exporter in ("legacy", "dynamo_static_bn"):
         res = pimc.compile_model(str(data["models"][exporter]), scheme="native", fold_bn="output",

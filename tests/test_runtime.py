@@ -13,7 +13,8 @@ import pimc
 from helpers import conv_model
 from pimc.cli import main
 from pimc.runtime import ops
-from pimc.runtime.chip import build_chip_config, instantiate, read_lut_csv, transfer_lut
+from pimc.core.chip import build_chip_config, read_lut_csv, transfer_lut
+from pimc.runtime.chip import instantiate
 from pimc.runtime.native import native_library
 from pimc.runtime.session import open_session
 
@@ -212,7 +213,7 @@ def test_hw_file_nonideal_table_and_preset(tmp_path):
     hw.write_text("[adc]\nbits = 7\n[nonideal]\nadc = 'nonideal'\nnoise_sigma = 0.4\ngain_sigma = 0.01\n")
     cfg = build_chip_config(preset="pimqat-chip7", hw=hw, offset_sigma=1.0)
     assert (cfg.adc, cfg.noise_sigma, cfg.gain_sigma, cfg.offset_sigma) == ("nonideal", 0.4, 0.01, 1.0)
-    from pimc.config import build_config
+    from pimc.core.config import build_config
     assert build_config(hw=hw).adc_bits == 7               # the compile side ignores [nonideal]
 
 

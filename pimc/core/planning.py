@@ -1,7 +1,17 @@
-"""Planning rules: pure functions of numbers that the passes decide with, that BN
-calibration recomputes and that training will call, so that each rule exists once.
+"""Planning rules: pure functions over numbers and layer plans that the passes decide
+with, that BN calibration recomputes and that training will call, so that each rule
+exists once (the passes only store their results and have the emitter write nodes).
 
 * ``input_scale``: the step of a layer's quantized inputs from their observed range;
+* ``quantize_columns``: per-output-column symmetric weight scales and integer weights;
+* ``plan_tiles`` (``check_kernel_fits``): the weight rows of each column on R x C arrays;
+* ``plan_slices`` (``split_unsigned``, ``split_signed``): differential / cell slices of
+  the integer weights and their recombination coefficients;
+* ``array_weights``: every array column's cells, in the IR's column order
+  (group, tile, slice, out_channel); ``chunk_columns`` a chunk's columns in that order;
+* ``plan_chunks`` (``tile_classes``, ``chunk_width``): which (tile, slice) pairs share
+  one array conv, ADC and recombination;
+* ``full_range``: each column's worst-case partial-sum range;
 * ``adc_params``: the step Delta and integer zero point z of each ADC column from its
   partial-sum range;
 * ``output_affine``: the per-column scale and bias that turn the integer accumulator
@@ -9,7 +19,12 @@ calibration recomputes and that training will call, so that each rule exists onc
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from .errors import PimcError
+from .mapping import LayerPlan, TilePlan, column_indices
 
 
 def input_scale(lo: float, hi: float, bits: int) -> tuple[float, bool]:
@@ -47,3 +62,171 @@ def output_affine(input_scale: float, weight_scales, scale, bias, shift) -> tupl
         return out_scale, None if bias is None else np.asarray(bias, np.float32)
     b = np.zeros(scale.shape, np.float32) if bias is None else np.asarray(bias, np.float32)
     return out_scale, (b * scale + np.asarray(shift, np.float32)).astype(np.float32)
+
+
+def quantize_columns(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.max(np.abs(w.reshape(w.shape[0], -1)), axis=1).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
+    q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.float32)
+    return q, scale
+
+
+def check_kernel_fits(p: LayerPlan, rows: int, mode: str) -> None:
+    """Channel-aligned tiles need a whole kernel per array; say so early."""
+    kh, kw = p.kernel
+    if mode == "channel" and rows < kh * kw:
+        raise PimcError(f"layer '{p.name}': a {kh}x{kw} kernel needs {kh * kw} rows but --array-rows is {rows}; "
+                        f"use --tile-mode row or larger arrays")
+
+
+def plan_tiles(p: LayerPlan, rows: int, cols: int, mode: str) -> TilePlan:
+    kh, kw = p.kernel
+    k = kh * kw
+    cin_g = p.cin_g
+    if mode == "channel":
+        check_kernel_fits(p, rows, mode)
+        cpa = rows // k
+        T = math.ceil(cin_g / cpa)
+        m = min(cpa, cin_g)
+        channel = np.full((T, m), -1, np.int64)
+        for t in range(T):
+            for j in range(m):
+                c = t * cpa + j
+                if c < cin_g:
+                    channel[t, j] = c
+        mask = np.ones((T, m, kh, kw), np.float32)
+        mask[channel < 0] = 0
+        rows_used = [int(np.sum(channel[t] >= 0)) * k for t in range(T)]
+    else:
+        K = cin_g * k
+        T = math.ceil(K / rows)
+        spans = []
+        for t in range(T):
+            r0, r1 = t * rows, min((t + 1) * rows, K)
+            spans.append((r0 // k, (r1 - 1) // k, r0, r1))
+        m = max(c1 - c0 + 1 for c0, c1, _, _ in spans)
+        channel = np.full((T, m), -1, np.int64)
+        mask = np.zeros((T, m, kh, kw), np.float32)
+        rows_used = []
+        for t, (c0, c1, r0, r1) in enumerate(spans):
+            for j in range(c1 - c0 + 1):
+                c = c0 + j
+                channel[t, j] = c
+                rr = c * k + np.arange(k)
+                mask[t, j] = ((rr >= r0) & (rr < r1)).reshape(kh, kw)
+            rows_used.append(r1 - r0)
+    return TilePlan(mode=mode, rows=rows, cols=cols, tiles=T, width=m, channel=channel, mask=mask,
+                    rows_used=rows_used)
+
+
+def split_unsigned(v: np.ndarray, bits: int, cell: int) -> list[np.ndarray]:
+    """Non-negative integers of ``bits`` bits -> unsigned cells, LSB cell first."""
+    n = math.ceil(bits / cell)
+    return [np.floor(v / 2 ** (cell * j)) % (2 ** cell) for j in range(n)]
+
+
+def split_signed(v: np.ndarray, bits: int, cell: int) -> list[np.ndarray]:
+    """Signed integers of ``bits`` bits -> unsigned low cells and a signed top cell."""
+    n = math.ceil(bits / cell)
+    top_shift = 2 ** (cell * (n - 1))
+    low = np.mod(v, top_shift)
+    top = np.floor(v / top_shift)
+    return split_unsigned(low, cell * (n - 1), cell)[: n - 1] + [top] if n > 1 else [v]
+
+
+def plan_slices(bits_w: int, cell_bits: int, differential: bool, q: np.ndarray):
+    if differential:
+        mag = bits_w - 1
+        c = cell_bits or mag
+        pos = split_unsigned(np.maximum(q, 0), mag, c)
+        neg = split_unsigned(np.maximum(-q, 0), mag, c)
+        names = [f"pos.c{j}" for j in range(len(pos))] + [f"neg.c{j}" for j in range(len(neg))]
+        coef = [2.0 ** (c * j) for j in range(len(pos))] + [-(2.0 ** (c * j)) for j in range(len(neg))]
+        cell_range = (0, 2 ** c - 1)
+        weights = pos + neg
+    else:
+        c = cell_bits or bits_w
+        weights = split_signed(q, bits_w, c)
+        names = [f"c{j}" for j in range(len(weights))]
+        coef = [2.0 ** (c * j) for j in range(len(weights))]
+        top_bits = bits_w - c * (len(weights) - 1)
+        cell_range = (-(2 ** (top_bits - 1)), 2 ** c - 1 if len(weights) > 1 else 2 ** (top_bits - 1) - 1)
+    return names, np.array(coef, np.float32), cell_range, np.stack(weights).astype(np.float32)
+
+
+REFERENCE_BATCH = 256
+
+
+def plan_chunks(p, chunk_mib: int) -> list[tuple[int, int, int, int]]:
+    """Split the (tile, slice) pairs so each chunk's partial sums fit the budget.
+
+    Tiles of different widths never share a chunk (see lowering.tile_classes).
+    """
+    T, S = p.n_tiles, p.n_slices
+    spatial = p.out_spatial() or [32, 32]
+    pair_bytes = 4 * p.n_planes * REFERENCE_BATCH * p.group * p.cout_g * int(np.prod(spatial))
+    pairs = max(1, int(chunk_mib * 2 ** 20 // pair_bytes))
+    if pairs >= S:
+        return tile_classes(p, 0, S, step=max(1, pairs // S))
+    return [(t, t + 1, s, min(s + pairs, S)) for t in range(T) for s in range(0, S, pairs)]
+
+
+def chunk_width(p: LayerPlan, t0: int, t1: int) -> int:
+    """Input channels the tiles t0..t1 need: padding slots past the last real one are dropped."""
+    ch = p.tiling.channel[t0:t1]
+    used = np.nonzero(np.any(ch >= 0, axis=0))[0]
+    return int(used[-1]) + 1 if used.size else 1
+
+
+def tile_classes(p: LayerPlan, s0: int, s1: int, step: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Chunks over tiles (at most ``step`` per chunk) that never mix tiles of different widths.
+
+    In channel mode the last tile often holds fewer channels; giving it its own
+    array conv avoids multiplying padding channels.
+    """
+    T = p.n_tiles
+    widths = [chunk_width(p, t, t + 1) for t in range(T)]
+    out, t = [], 0
+    while t < T:
+        e = t + 1
+        while e < T and widths[e] == widths[t] and (step is None or e - t < step):
+            e += 1
+        out.append((t, e, s0, s1))
+        t = e
+    return out
+
+
+def chunk_columns(p: LayerPlan, chunk) -> np.ndarray:
+    """Global column indices (group, tile, slice, out_channel order) of a chunk."""
+    return column_indices(p.group, p.n_tiles, p.n_slices, p.cout_g, *chunk)
+
+
+def array_weights(p: LayerPlan) -> np.ndarray:
+    """Cell values of every array column: (G*T*S*cout_g, m, kh, kw).
+
+    Column order (group, tile, slice, out_channel); row j of a tile holds local
+    input channel ``tiling.channel[t, j]`` (zero for padding slots and for
+    kernel rows of another tile in row mode).
+    """
+    tp, sp, wq = p.tiling, p.slicing, p.weight_quant
+    slices = sp.weights if sp is not None else wq.q[None]
+    g, T, S, cout_g = p.group, tp.tiles, slices.shape[0], p.cout_g
+    kh, kw = p.kernel
+    wt = np.zeros((g, T, S, cout_g, tp.width, kh, kw), np.float32)
+    for gi in range(g):
+        rows = slice(gi * cout_g, (gi + 1) * cout_g)
+        for t in range(T):
+            for j, c in enumerate(tp.channel[t]):
+                if c >= 0:
+                    wt[gi, t, :, :, j] = slices[:, rows, c] * tp.mask[t, j]
+    return wt.reshape(g * T * S * cout_g, tp.width, kh, kw)
+
+
+def full_range(p: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
+    w = array_weights(p).reshape(p.n_columns, -1).astype(np.float64)
+    lo, hi = p.slicing.input_range
+    pos, neg = np.clip(w, 0, None), np.clip(w, None, 0)
+    s_max = (pos * hi + neg * lo).sum(1)
+    s_min = (pos * lo + neg * hi).sum(1)
+    return s_min, s_max

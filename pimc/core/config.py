@@ -109,7 +109,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 HW_TABLES = ("array", "adc", "quant", "mapping", "calibration", "nonideal")
-RUNTIME_TABLES = ("nonideal",)  # read by pimc.runtime.chip, not by the compiler
+RUNTIME_TABLES = ("nonideal",)  # read by pimc.core.chip, not by the compiler
 
 
 def _field_types() -> dict[str, type]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from .core import names as N
+from . import names as N
 
 
 @dataclass
