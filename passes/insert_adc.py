@@ -16,6 +16,10 @@ the PIM model then equals the digital quantized model exactly).  The range
 * ``calibrated``: min/max of the column's partial sums over the calibration
   data (computed with all layers digital, i.e. before any ADC), widened to
   include 0.
+
+A layer of a frozen plan (``compile_model(plan=...)``, ``--plan``) keeps the given
+Delta and z per column instead (range ``frozen``: the span they cover at this
+bit width); a count that does not match the layer's columns is an error.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import onnx
 from pimc.calibration import run_with_probes
 from pimc.core import names as N
 from pimc.core.mapping import AdcPlan
-from pimc.core.planning import adc_params, chunk_columns, full_range, tile_classes
+from pimc.core.errors import PimcError
+from pimc.core.planning import adc_params, chunk_columns, frozen_range, full_range, layer_chunks
 from pimc.lowering import emit_layer
 from pimc.model import PimModel
 from .base import Transformation
@@ -36,7 +41,12 @@ class InsertAdc(Transformation):
 
     def apply(self, model: PimModel):
         cfg = model.config
-        plans = list(model.layers.values())
+        for p in model.layers.values():
+            fz = model.frozen_layer(p.name)
+            if fz.adc_step is not None and fz.adc_step.shape != (p.n_columns,):
+                raise PimcError(f"--plan: layer '{p.name}': adc_step has {fz.adc_step.size} values, the layer has "
+                                f"{p.n_columns} array columns with this scheme and tiling")
+        plans = [p for p in model.layers.values() if model.frozen_layer(p.name).adc_step is None]   # to calibrate
         ranges = {}
         if cfg.adc_range == "calibrated" and plans:
             def probes(proto: onnx.ModelProto):
@@ -44,7 +54,7 @@ class InsertAdc(Transformation):
                 axes = onnx.helper.make_tensor(N.probe("axes"), onnx.TensorProto.INT64, [3], [0, 2, 3])
                 proto.graph.initializer.append(axes)
                 for i, p in enumerate(plans):
-                    chunks = p.chunks or tile_classes(p, 0, p.n_slices)
+                    chunks = layer_chunks(p)
                     for ci in range(len(chunks)):
                         src = N.output(p.name, N.ARRAY_MAC, N.chunk_suffix(ci, len(chunks)))
                         for op in ("ReduceMin", "ReduceMax"):
@@ -59,15 +69,22 @@ class InsertAdc(Transformation):
             for p in plans:
                 lo = np.zeros(p.n_columns)
                 hi = np.zeros(p.n_columns)
-                for chunk in p.chunks or tile_classes(p, 0, p.n_slices):
+                for chunk in layer_chunks(p):
                     cols = chunk_columns(p, chunk)
                     lo[cols] = np.min(np.stack(next(res)), axis=0)
                     hi[cols] = np.max(np.stack(next(res)), axis=0)
                 ranges[p.name] = (np.minimum(lo, 0), np.maximum(hi, 0))
-        for p in plans:
+        for p in model.layers.values():
+            fz = model.frozen_layer(p.name)
+            if fz.adc_step is not None:   # as given: the range the step and zero point span
+                delta, z = fz.adc_step, fz.adc_zero_point
+                s_min, s_max = frozen_range(delta, z, cfg.adc_bits)
+                p.adc = AdcPlan(bits=cfg.adc_bits, range="frozen", step=delta, zero_point=z, s_min=s_min, s_max=s_max)
+                emit_layer(model.graph, p)
+                continue
             s_min, s_max = ranges.get(p.name) or full_range(p)
             delta, z = adc_params(s_min, s_max, cfg.adc_bits)
-            p.adc = AdcPlan(bits=cfg.adc_bits, range=cfg.adc_range, scale=delta, zero_point=z,
+            p.adc = AdcPlan(bits=cfg.adc_bits, range=cfg.adc_range, step=delta, zero_point=z,
                             s_min=s_min.astype(np.float32), s_max=s_max.astype(np.float32))
             emit_layer(model.graph, p)
-        return model, bool(plans)
+        return model, bool(model.layers)

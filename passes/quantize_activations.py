@@ -5,6 +5,8 @@ Guarantees: every crossbar layer gets an InputQuant (scale, bits, signed) and
 is re-emitted with ``QuantizeInput`` + dequantizing ``Mul`` in front of its
 float MACs (a runnable fake-quant model).  The scale is, in order of preference:
 
+0. frozen, given by the caller (``compile_model(plan=...)``, ``--plan``): used as given
+   at ``input_bits``; the sign as given too, or else from the calibration range;
 1. trained, read from the model: the layer input is produced by
    ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` with a constant scalar
    scale; bits and sign follow the zero point's type (int8: signed 8-bit,
@@ -59,8 +61,11 @@ class QuantizeActivations(Transformation):
         plans = list(model.layers.values())
         todo = []
         for p in plans:
+            fz = model.frozen_layer(p.name)
             tr = trained_input_scale(p.x)
-            if tr is not None:
+            if fz.input_scale is not None and fz.input_signed is not None:
+                p.input_quant = InputQuant(scale=fz.input_scale, bits=bits, signed=fz.input_signed, source="frozen")
+            elif fz.input_scale is None and tr is not None:
                 s, b, signed = tr
                 p.input_quant = InputQuant(scale=s, bits=b, signed=signed, source="model")
             else:
@@ -84,8 +89,11 @@ class QuantizeActivations(Transformation):
                 lo = float(np.min(res[2 * i]))
                 hi = float(np.max(res[2 * i + 1]))
                 scale, signed = input_scale(lo, hi, bits)
-                p.input_quant = InputQuant(scale=scale, bits=bits, signed=signed,
-                                           source=model.calibration.get("source", "calibration"),
+                source = model.calibration.get("source", "calibration")
+                fz = model.frozen_layer(p.name)
+                if fz.input_scale is not None:   # the sign from the data, the scale as given
+                    scale, source = fz.input_scale, "frozen"
+                p.input_quant = InputQuant(scale=scale, bits=bits, signed=signed, source=source,
                                            observed_min=lo, observed_max=hi)
             for i, p in enumerate(plans):
                 shp = res[2 * len(todo) + i][0].astype(int).tolist()

@@ -8,9 +8,11 @@ the differential magnitudes fit b-1 bits.  The layer is re-emitted as the
 digital quantized layer: ``QuantizeInput`` -> ``Conv(q_x, q_w)`` (an exact
 integer accumulator) -> ``Mul(s_x * s_w * bn_scale)`` -> ``Add(bias)``.
 This model is *the* digital quantized reference of every PIM compile.
+A frozen plan's ``weight_scales`` (``compile_model(plan=...)``) replace s_w as given.
 """
 from __future__ import annotations
 
+from pimc.core.errors import PimcError
 from pimc.core.mapping import WeightQuant
 from pimc.core.planning import quantize_columns
 from pimc.lowering import emit_layer
@@ -24,7 +26,11 @@ class QuantizeWeights(Transformation):
     def apply(self, model: PimModel):
         bits = model.config.weight_bits
         for p in model.layers.values():
-            q, s = quantize_columns(p.weight, bits)
+            given = model.frozen_layer(p.name).weight_scales
+            if given is not None and given.shape != (p.cout,):
+                raise PimcError(f"--plan: layer '{p.name}': weight_scales has {given.size} values, the layer has "
+                                f"{p.cout} output columns")
+            q, s = quantize_columns(p.weight, bits, given)
             p.weight_quant = WeightQuant(bits=bits, q=q, scale=s)
             emit_layer(model.graph, p)
         return model, bool(model.layers)

@@ -64,6 +64,8 @@ class SelectCrossbarLayers(Transformation):
             emit_layer(g, plan)
             model.layers[plan.name] = plan
             changed = True
+        if model.frozen is not None:
+            model.frozen.check_layers(list(model.layers), model.source)
         return model, changed
 
     # -- per op ---------------------------------------------------------------

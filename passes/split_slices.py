@@ -46,7 +46,7 @@ class SplitSlices(Transformation):
                 planes, pcoef, rng = iq.bits, plane_weights(iq.bits, int(iq.signed)), (0.0, 1.0)
             else:
                 planes, pcoef, rng = 1, np.ones(1, np.float32), input_range(iq.bits, int(iq.signed))
-            p.slicing = SlicePlan(planes=planes, plane_coef=pcoef, input_range=rng, slice_names=names,
+            p.slicing = SlicePlan(planes=planes, plane_coef=pcoef, input_slice_range=rng, weight_slices=names,
                                   slice_coef=coef, cell_range=cell_range, weights=w,
                                   bit_serial=cfg.bit_serial_inputs)
             p.chunks = plan_chunks(p, cfg.chunk_mib)

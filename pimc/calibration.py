@@ -88,12 +88,16 @@ def calibration_inputs(model: PimModel) -> dict[str, np.ndarray]:
                 raise PimcError(f"model input '{t.name}' is {np.dtype(t.dtype)}: pass --calib-data with real inputs")
             feed[t.name] = rng.standard_normal((n, *shape[1:])).astype(np.float32)
         source = {"source": "synthetic", "distribution": "N(0,1)", "seed": cfg.seed, "samples": n}
-        adc = ""
-        if cfg.pim:
-            adc = (", and ADC ranges too" if cfg.adc_range == "calibrated" else
-                   "; ADC ranges use the full worst-case range (calibrated ADC ranges need real data)")
-        print(f"pimc: warning: no --calib-data: activation ranges calibrated on {n} synthetic N(0,1) inputs{adc}; "
-              f"pass --calib-data with real (training) inputs for real ranges", file=sys.stderr)
+        if model.frozen is not None and all(model.frozen.covers(p.name, cfg.pim) for p in model.layers.values()):
+            print(f"pimc: note: the frozen plan gives every layer's scales; {n} synthetic inputs are used only for "
+                  f"shapes", file=sys.stderr)
+        else:
+            adc = ""
+            if cfg.pim:
+                adc = (", and ADC ranges too" if cfg.adc_range == "calibrated" else
+                       "; ADC ranges use the full worst-case range (calibrated ADC ranges need real data)")
+            print(f"pimc: warning: no --calib-data: activation ranges calibrated on {n} synthetic N(0,1) inputs{adc}; "
+                  f"pass --calib-data with real (training) inputs for real ranges", file=sys.stderr)
     model.calib_inputs = feed
     model.calibration = source
     return feed

@@ -92,6 +92,9 @@ def cli():
 @click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration inputs: .npy, or .npz with an array "
               "named 'x' or after the model input, preprocessed as the model expects (use training, never evaluation, "
               "data).  [default: 64 synthetic N(0,1) inputs, with a warning]")
+@click.option("--plan", "plan", type=click.Path(dir_okay=False, path_type=Path), help="Frozen plan: per-layer "
+              "input scales, weight column scales and ADC steps/zero points used as given, never recomputed (a JSON "
+              "plan, see docs/IR.md, or a compiled .pim.onnx whose values to keep, e.g. after retraining).")
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), help="Save every intermediate model "
               "there as NN_<pass>.onnx.")
 @click.option("--verify", is_flag=True, help="Check and run every intermediate model on calibration samples; "
@@ -100,7 +103,7 @@ def cli():
               help="Also write the mapping (JSON) to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print no summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Print each pass and its time (on stderr) as it runs.")
-def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, verbose, **opts):
+def compile_cmd(model, output, hw, preset, plan, dump_dir, verify, json_path, quiet, verbose, **opts):
     """Compile MODEL (an ONNX file) to the PIM IR."""
     import json
 
@@ -125,7 +128,7 @@ def compile_cmd(model, output, hw, preset, dump_dir, verify, json_path, quiet, v
     proto = load_onnx(model)
     refuse_compiled(proto, str(model), "pimc compile")
     log = (lambda m: click.echo(m, err=True)) if verbose else None
-    res = compile_model(proto, cfg, dump_dir=dump_dir, verify=verify, log=log, source=str(model))
+    res = compile_model(proto, cfg, dump_dir=dump_dir, verify=verify, log=log, source=str(model), plan=plan)
     res.save(output)
     if json_path:
         write_bytes_atomic(json.dumps(res.mapping, indent=1, sort_keys=True).encode(), json_path, "--json")

@@ -28,8 +28,9 @@ from .core import names as N
 
 
 def adc_nodes(model: onnx.ModelProto, mapping) -> dict[str, list[dict]]:
-    """Per layer name: its ADC nodes' partial-sum tensor and constant parameters
-    (found by name: one ADC node per chunk of the layer's columns)."""
+    """Per layer name: its ADC nodes' partial-sum tensor and parameters, one per chunk of the
+    layer's columns (nodes found by their names; step and zero point from the mapping, a chip's
+    gain, offset and transfer curve from the instantiated IR)."""
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     const = lambda n: numpy_helper.to_array(inits[n]).astype(np.float32) if n in inits else None
@@ -42,23 +43,21 @@ def adc_nodes(model: onnx.ModelProto, mapping) -> dict[str, list[dict]]:
             if n is None or not N.is_adc(n):
                 continue
             nonideal = n.op_type not in N.NONIDEAL_OP
+            cols = L.chunk_columns(chunk)   # step and zero point from the mapping; the chip's draws from the IR
             out.setdefault(L.name, []).append({
-                "s": n.input[0], "bits": L.adc.bits, "scale": const(n.input[1]), "zero_point": const(n.input[2]),
+                "s": n.input[0], "bits": L.adc.bits,
+                "scale": np.asarray(L.adc.step, np.float32)[cols].reshape(1, -1, 1, 1),
+                "zero_point": np.asarray(L.adc.zero_point, np.float32)[cols].reshape(1, -1, 1, 1),
                 "gain": const(n.input[3]) if nonideal else None, "offset": const(n.input[4]) if nonideal else None,
                 "lut": const(n.input[5]) if nonideal else None})
     return out
 
 
 def _codes(s: np.ndarray, a: dict) -> np.ndarray:
-    """Noise-free output codes before clipping: the ADC formula of runtime.ops without
-    noise and clip (gain, offset and the transfer curve on a chip)."""
-    from .core.formulas import transfer
-    w = (s / a["scale"]).astype(np.float32)
-    if a["gain"] is None:
-        return np.round(w + a["zero_point"])
-    w = (a["gain"] * w + a["offset"] + a["zero_point"]).astype(np.float32)
-    lut = a["lut"]
-    return np.round(transfer(w, lut) if lut is not None and lut.shape[0] >= 2 else w)
+    """Noise-free output codes before clipping (``formulas.adc_code``: gain, offset and the
+    transfer curve on a chip)."""
+    from .core.formulas import adc_code
+    return adc_code(s, a["scale"], a["zero_point"], a["gain"], a["offset"], a["lut"])
 
 
 def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping, x: np.ndarray,
@@ -103,7 +102,7 @@ def layer_stats(digital: onnx.ModelProto, pim: onnx.ModelProto, mapping, x: np.n
         rec = {"layer": L.name, "sqnr_db": None if exact or a["sig"] == 0 else
                float(10 * np.log10(a["sig"] / a["err"])), "exact": exact}
         if a["conv"]:
-            rec.update(adc_bits=int(len(a["hist"]) - 1).bit_length(), clip_rate=a["clip"] / a["conv"],
+            rec.update(adc_bits=L.adc.bits, clip_rate=a["clip"] / a["conv"],
                        code_hist=[int(v) for v in a["hist"]], conversions_per_inference=a["conv"] // len(x))
         rows.append(rec)
     return rows

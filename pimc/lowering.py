@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from .core import names as N
 from .core.names import DOMAIN
 from .core.mapping import LayerPlan
-from .core.planning import array_weights, chunk_columns, chunk_width, output_affine, tile_classes
+from .core.planning import array_weights, chunk_columns, chunk_width, layer_chunks, output_affine
 
 
 class _Emitter:
@@ -126,7 +126,7 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
         return em.op("Conv", [q, em.const("weight_q", wq.q.astype(np.float32))], "mac", em.conv_attrs(p.group))
 
     tp, sp = p.tiling, p.slicing
-    g, T, cin_g, cout_g = p.group, tp.tiles, p.cin_g, p.cout_g
+    g, T, cin_g, cout_g = p.group, tp.tiles_per_group, p.cin_g, p.cout_g
     P, S = p.n_planes, p.n_slices
     h = q
     if sp is not None and sp.bit_serial:
@@ -134,11 +134,11 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
         h = em.op("BitPlanes", [h], "planes", {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
 
     kh, kw = p.kernel
-    weights = array_weights(p).reshape(g, T, S, cout_g, tp.width, kh, kw)
+    weights = array_weights(p).reshape(g, T, S, cout_g, tp.channels_per_tile, kh, kw)
     coef = np.ones((P, S), np.float32)
     if sp is not None:
         coef = np.outer(sp.plane_coef, sp.slice_coef).astype(np.float32)
-    chunks = p.chunks or tile_classes(p, 0, S)
+    chunks = layer_chunks(p)
     cin = g * cin_g
     padded = None
     parts = []
@@ -147,7 +147,7 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
         # channels the chunk's tiles read: local channel c of group gi is gi*cin_g + c;
         # padding slots read an appended zero channel (index Cin)
         width = chunk_width(p, t0, t1)
-        idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.channel[t][:width]]
+        idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.tile_channels[t][:width]]
                         for gi in range(g) for t in range(t0, t1)], np.int64).reshape(-1)
         hin = h
         if not np.array_equal(idx, np.arange(cin)):
@@ -166,7 +166,7 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
         rattrs = {"planes": P, "groups": g, "tiles": t1 - t0, "slices": s1 - s0}
         if p.adc is not None:
             cols = chunk_columns(p, (t0, t1, s0, s1))
-            adc_in = [a, em.const(N.ADC_SCALE, p.adc.scale[cols].astype(np.float32).reshape(1, -1, 1, 1), sfx),
+            adc_in = [a, em.const(N.ADC_SCALE, p.adc.step[cols].astype(np.float32).reshape(1, -1, 1, 1), sfx),
                       em.const(N.ADC_ZERO_POINT, p.adc.zero_point[cols].astype(np.float32).reshape(1, -1, 1, 1), sfx)]
             if recombine:   # conversion and recombination fused: the partial sums are read once
                 parts.append(em.op("AdcRecombine", adc_in + [em.const("recombine_coef", np.ascontiguousarray(c), sfx)],

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from . import __version__
 from .core.config import CompileConfig
+from .core.frozen import FrozenLayer, FrozenPlan
 from .core.mapping import LayerPlan
 from .core.names import DOMAIN, DOMAIN_VERSION
 from pimc.runtime.ops import function_protos
@@ -37,6 +38,11 @@ class PimModel:
     stage: str = "imported"
     carried_metadata: dict = field(default_factory=dict)   # source metadata kept in the IR (pimc.preprocess)
     fixed_batch: int | None = None   # the batch the graph depends on (None: any batch); see passes/free_batch.py
+    frozen: FrozenPlan | None = None  # values given by the caller, used as given (pimc.core.frozen)
+
+    def frozen_layer(self, name: str) -> FrozenLayer:
+        """The caller's frozen values of layer ``name`` (all None when there are none)."""
+        return self.frozen.get(name) if self.frozen is not None else FrozenLayer()
 
     def mapping(self) -> dict:
         return {

@@ -25,6 +25,8 @@ import onnx
 
 from .core.config import CompileConfig, build_config
 from .core.errors import PimcError
+from .core.frozen import FrozenPlan
+from .core.mapping import read_mapping
 from .io import load_onnx, save_onnx_atomic
 from .model import PimModel
 from pimc import passes as P
@@ -82,13 +84,33 @@ def refuse_compiled(proto: onnx.ModelProto, source: str, command: str) -> None:
                     f"from{hint}: pass that, or run the IR with `pimc run`")
 
 
+def load_plan(plan) -> FrozenPlan | None:
+    """A FrozenPlan from what ``compile_model(plan=...)`` accepts (None stays None)."""
+    if plan is None or isinstance(plan, FrozenPlan):
+        return plan
+    if isinstance(plan, dict):
+        return FrozenPlan.from_record(plan)
+    if isinstance(plan, onnx.ModelProto):
+        return FrozenPlan.from_mapping(read_mapping(plan, "plan"))
+    path = Path(plan)
+    if path.suffix == ".onnx":
+        return FrozenPlan.from_mapping(read_mapping(load_onnx(path), f"--plan '{path}'"))
+    if path.suffix == ".json":
+        return FrozenPlan.from_json(path)
+    raise PimcError(f"--plan: '{path}' is neither a JSON plan (.json) nor a compiled PIM IR (.onnx)")
+
+
 def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str | Path | None = None,
                   verify: bool = False, log=None, source: str | None = None, calib_inputs=None,
-                  **options) -> CompileResult:
+                  plan=None, **options) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) to the PIM IR.
 
     ``config`` is a CompileConfig; or give ``preset=``, ``hw=`` and option
     keywords (``scheme=``, ``adc_bits=``, ...) as for ``build_config``.
+    ``calib_inputs``: calibration arrays (see ``calibration.set_calibration_arrays``).
+    ``plan``: a frozen plan (:class:`~pimc.core.frozen.FrozenPlan`, its JSON record, a
+    ``.json`` file, or a compiled PIM IR whose values to keep): its input scales, weight
+    column scales and ADC steps and zero points are used as given, never recomputed.
     """
     if config is None:
         config = build_config(**options)
@@ -104,6 +126,13 @@ def compile_model(model, config: CompileConfig | None = None, *, dump_dir: str |
         source, proto = source or "<memory>", model
     refuse_compiled(proto, source, "compile_model")
     pm = new_pim_model(proto, config, source)
+    pm.frozen = load_plan(plan)
+    if pm.frozen is not None:
+        n = {k: sum(getattr(v, k) is not None for v in pm.frozen.layers.values())
+             for k in ("input_scale", "weight_scales", "adc_step")}
+        pm.notes.append(f"frozen plan{'' if not isinstance(plan, (str, Path)) else f' {str(plan)!r}'}: given input scales "
+                        f"for {n['input_scale']}, weight scales for {n['weight_scales']}, ADC steps for {n['adc_step']} "
+                        f"of {len(pm.frozen.layers)} layers, used as given")
     if calib_inputs is not None:
         from .calibration import set_calibration_arrays
         set_calibration_arrays(pm, calib_inputs)

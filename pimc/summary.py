@@ -14,10 +14,11 @@ def mapping_summary(mapping, config: dict) -> str:
     if isinstance(mapping, dict):
         mapping = CompiledMapping.from_record(mapping)
     lines = []
+    ranges = sorted({L.adc.range for L in mapping.layers if L.adc is not None}) or [config["adc_range"]]
     head = (f"{'layer':<28} {'op':<6} {'tiles':>5} {'arrays':>6} {'rows used':>10} {'cols used':>10} "
             f"{'util':>6} {'slices':>7} {'ADC conv/inf':>14}")
     lines.append(f"scheme {config['scheme']}, {config['array_rows']}x{config['array_cols']} arrays, "
-                 f"W{config['weight_bits']} A{config['input_bits']}, ADC {config['adc_bits']} bits ({config['adc_range']}), "
+                 f"W{config['weight_bits']} A{config['input_bits']}, ADC {config['adc_bits']} bits ({'/'.join(ranges)}), "
                  f"cell bits {config['cell_bits'] or 'all'}, tile mode {config['tile_mode']}, BN folded into {config['fold_bn']}")
     lines.append(head)
     lines.append("-" * len(head))

@@ -45,6 +45,8 @@ def test_adc_formulas_numpy_equals_torch(c):
     _both(F.adc_quantize_nonideal, (c["s"], c["scale"], c["zp"], c["gain"], c["off"], c["lut"]), bits=c["bits"],
           noise_sigma=c["sigma"], seed=c["seed"])
     _both(F.thermal_noise, (c["s"],), sigma=max(c["sigma"], 0.1), seed=c["seed"])
+    _both(F.adc_code, (c["s"], c["scale"], c["zp"]))
+    _both(F.adc_code, (c["s"], c["scale"], c["zp"], c["gain"], c["off"], c["lut"]))
     _both(F.row_keys, (c["s"],))
     w = (c["gain"] * (c["s"] / c["scale"]) + c["off"] + c["zp"]).astype(np.float32)
     if c["lut"].shape[0] >= 2:
@@ -84,3 +86,17 @@ def test_hash_matches_32_bit_unsigned_arithmetic():
             u = u + (u >> np.uint32(sh))
     assert np.array_equal(F.mix32(x), u.astype(np.int64))
     assert np.array_equal(F.mix32(torch.from_numpy(x)).numpy(), u.astype(np.int64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(adc_case())
+def test_the_adc_code_is_what_the_adc_clips(c):
+    """Layer statistics count clipping with adc_code: clipped to the ADC's range it is the code
+    the ADC ops convert with (ideal, and on a chip without noise)."""
+    top = float(2 ** c["bits"] - 1)
+    for code, value in (
+            (F.adc_code(c["s"], c["scale"], c["zp"]), F.adc_quantize(c["s"], c["scale"], c["zp"], bits=c["bits"])),
+            (F.adc_code(c["s"], c["scale"], c["zp"], c["gain"], c["off"], c["lut"]),
+             F.adc_quantize_nonideal(c["s"], c["scale"], c["zp"], c["gain"], c["off"], c["lut"], bits=c["bits"],
+                                     noise_sigma=0.0, seed=0))):
+        assert np.array_equal((np.clip(code, 0, top) - c["zp"]) * c["scale"], value)

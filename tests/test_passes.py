@@ -77,12 +77,12 @@ def test_plan_tiles_channel_and_row_modes():
     p = LayerPlan(name="l", op_type="Conv", kind="conv", x=None, y=None,
                   weight=np.zeros((4, 16, 3, 3), np.float32), bias=None)
     t = plan_tiles(p, 128, 128, "channel")
-    assert (t.tiles, t.width, t.rows_used) == (2, 14, [126, 18])
+    assert (t.tiles_per_group, t.channels_per_tile, t.rows_used) == (2, 14, [126, 18])
     r = plan_tiles(p, 128, 128, "row")
-    assert r.tiles == 2 and r.rows_used == [128, 16]
+    assert r.tiles_per_group == 2 and r.rows_used == [128, 16]
     assert r.mask.sum() == 16 * 9            # every weight row on exactly one tile
     # row 128 is channel 14, kernel position 2: on tile 1, not tile 0
-    assert r.channel[1, 0] == 14 and r.mask[1, 0].reshape(-1).tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1]
+    assert r.tile_channels[1, 0] == 14 and r.mask[1, 0].reshape(-1).tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1]
 
 
 def test_split_helpers_recombine():
@@ -183,7 +183,7 @@ def test_calibrated_adc_range_is_narrower_and_recorded(tmp_path):
     full = pimc.compile_model(m, scheme="differential", adc_bits=5, adc_range="full", calib_data=str(tmp_path / "c.npy"))
     cal = pimc.compile_model(m, scheme="differential", adc_bits=5, adc_range="calibrated", calib_data=str(tmp_path / "c.npy"))
     a_full, a_cal = full.pim.layers["conv"].adc, cal.pim.layers["conv"].adc
-    assert np.all(a_cal.scale <= a_full.scale) and np.any(a_cal.scale < a_full.scale)
+    assert np.all(a_cal.step <= a_full.step) and np.any(a_cal.step < a_full.step)
     assert cal.mapping["layers"][0]["adc"]["range"] == "calibrated"
     x = np.abs(RNG.standard_normal((4, 16, 6, 6))).astype(np.float32)
     dig = run(pimc.compile_model(m, scheme="digital", calib_data=str(tmp_path / "c.npy")).model, x)
@@ -199,7 +199,7 @@ def test_adc_range_default_is_calibrated_with_real_data_else_full(tmp_path, caps
     explicit = pimc.compile_model(m, scheme="differential", adc_bits=5, adc_range="calibrated",
                                   calib_data=str(tmp_path / "c.npy"))
     assert real.mapping["layers"][0]["adc"]["range"] == "calibrated" == real.pim.config.adc_range
-    assert np.array_equal(real.pim.layers["conv"].adc.scale, explicit.pim.layers["conv"].adc.scale)
+    assert np.array_equal(real.pim.layers["conv"].adc.step, explicit.pim.layers["conv"].adc.step)
     capsys.readouterr()
     synthetic = pimc.compile_model(conv_model(w, None, pad=(1, 1, 1, 1), in_shape=["N", 16, 6, 6]),
                                    scheme="differential", adc_bits=5)

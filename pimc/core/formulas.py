@@ -79,8 +79,26 @@ def adc_quantize(s, scale, zero_point, *, bits: int):
     xp = _xp(s)
     s = xp.astype(s, xp.float32)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
-    code = xp.clip(xp.round(s / scale) + zp, 0.0, float(2 ** bits - 1))
+    code = xp.clip(adc_code(s, scale, zp), 0.0, float(2 ** bits - 1))
     return (code - zp) * scale
+
+
+def adc_code(s, scale, zero_point, gain=None, offset=None, lut=None, noise=None):
+    """The ADC's output code before clipping to [0, 2^b-1]: ideal round(s / Delta) + z; on a
+    chip (``gain`` given) round(f_NL(gain * s / Delta + offset + z) + noise), f_NL the transfer
+    curve ``lut`` (when it has >= 2 levels).  Layer statistics count clipping with it."""
+    xp = _xp(s)
+    s = xp.astype(s, xp.float32)
+    scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
+    if gain is None:
+        return xp.round(s / scale) + zp
+    gain, offset = _f32(xp, gain, s), _f32(xp, offset, s)
+    w = gain * (s / scale) + offset + zp
+    if lut is not None:
+        lut = _f32(xp, lut, s)
+        if lut.shape[0] >= 2:
+            w = transfer(w, lut)
+    return xp.round(w if noise is None else w + noise)
 
 
 # ---------------------------------------------------------------- recombination
@@ -180,12 +198,8 @@ def adc_quantize_nonideal(s, scale, zero_point, gain, offset, lut, *, bits: int,
     xp = _xp(s)
     s = xp.astype(s, xp.float32)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
-    gain, offset, lut = _f32(xp, gain, s), _f32(xp, offset, s), _f32(xp, lut, s)
-    w = gain * (s / scale) + offset + zp
-    f = transfer(w, lut) if lut.shape[0] >= 2 else w
-    if noise_sigma > 0:
-        f = f + thermal_noise(s, noise_sigma, seed)
-    code = xp.clip(xp.round(f), 0.0, float(2 ** bits - 1))
+    noise = thermal_noise(s, noise_sigma, seed) if noise_sigma > 0 else None
+    code = xp.clip(adc_code(s, scale, zp, gain, offset, lut, noise), 0.0, float(2 ** bits - 1))
     return (code - zp) * scale
 
 

@@ -39,11 +39,11 @@ class WeightQuant:
 @dataclass
 class TilePlan:
     mode: str
-    rows: int                  # array rows R
-    cols: int                  # array columns C
-    tiles: int                 # T row tiles per group
-    width: int                 # m input channels gathered per tile
-    channel: np.ndarray        # (T, m) local input channel of each tile slot, -1 = padding
+    array_rows: int            # array rows R
+    array_cols: int            # array columns C
+    tiles_per_group: int       # T row tiles per group
+    channels_per_tile: int     # m input channels gathered per tile
+    tile_channels: np.ndarray  # (T, m) local input channel of each tile slot, -1 = padding
     mask: np.ndarray           # (T, m, kh, kw) 1 where the weight row lies on this tile
     rows_used: list[int]       # weight rows actually on each tile
 
@@ -52,8 +52,8 @@ class TilePlan:
 class SlicePlan:
     planes: int                # P input slices (bit planes); 1 = multi-bit inputs
     plane_coef: np.ndarray     # (P,) recombination weight of each plane
-    input_range: tuple[float, float]   # value range of one input slice
-    slice_names: list[str]     # e.g. ["pos.c0", "neg.c0"] or ["c0", "c1"]
+    input_slice_range: tuple[float, float]   # value range of one input slice
+    weight_slices: list[str]   # e.g. ["pos.c0", "neg.c0"] or ["c0", "c1"]
     slice_coef: np.ndarray     # (S,) recombination weight of each weight slice
     cell_range: tuple[int, int]  # value range of one weight cell
     weights: np.ndarray        # (S, Cout, cin_g, kh, kw) integer slice weights
@@ -64,7 +64,7 @@ class SlicePlan:
 class AdcPlan:
     bits: int
     range: str                 # "full" | "calibrated"
-    scale: np.ndarray          # (ncols,) step Delta per column
+    step: np.ndarray           # (ncols,) step Delta per column
     zero_point: np.ndarray     # (ncols,) integer zero point per column
     s_min: np.ndarray          # (ncols,) range the scale was derived from
     s_max: np.ndarray
@@ -126,7 +126,7 @@ class LayerPlan:
 
     @property
     def n_slices(self) -> int:
-        return len(self.slicing.slice_names) if self.slicing else 1
+        return len(self.slicing.weight_slices) if self.slicing else 1
 
     @property
     def n_planes(self) -> int:
@@ -134,7 +134,7 @@ class LayerPlan:
 
     @property
     def n_tiles(self) -> int:
-        return self.tiling.tiles if self.tiling else 1
+        return self.tiling.tiles_per_group if self.tiling else 1
 
     @property
     def n_columns(self) -> int:
@@ -167,11 +167,11 @@ class LayerPlan:
         """
         if not self.tiling:
             return []
-        C = self.tiling.cols
+        C = self.tiling.array_cols
         ncols_tile = self.n_slices * self.cout_g
         out = []
         for g in range(self.group):
-            for t in range(self.tiling.tiles):
+            for t in range(self.tiling.tiles_per_group):
                 for a in range(math.ceil(ncols_tile / C)):
                     c0 = a * C
                     out.append({"array": len(out), "group": g, "tile": t,
@@ -210,17 +210,17 @@ class LayerPlan:
             tp = self.tiling
             arrays = self.arrays()
             used = sum((a["rows"][1]) * (a["cols"][1] - a["cols"][0]) for a in arrays)
-            rec["tiling"] = {"mode": tp.mode, "array_rows": tp.rows, "array_cols": tp.cols,
-                             "tiles_per_group": tp.tiles, "channels_per_tile": tp.width,
+            rec["tiling"] = {"mode": tp.mode, "array_rows": tp.array_rows, "array_cols": tp.array_cols,
+                             "tiles_per_group": tp.tiles_per_group, "channels_per_tile": tp.channels_per_tile,
                              "rows_used": [int(r) for r in tp.rows_used],
-                             "tile_channels": tp.channel.tolist(),
+                             "tile_channels": tp.tile_channels.tolist(),
                              "arrays": arrays, "n_arrays": len(arrays),
-                             "utilization": used / (len(arrays) * tp.rows * tp.cols) if arrays else 0.0}
+                             "utilization": used / (len(arrays) * tp.array_rows * tp.array_cols) if arrays else 0.0}
         if self.slicing:
             sp = self.slicing
             rec["slicing"] = {"bit_serial": sp.bit_serial, "planes": sp.planes, "plane_coef": [float(v) for v in sp.plane_coef],
-                              "input_slice_range": [float(v) for v in sp.input_range],
-                              "weight_slices": sp.slice_names,
+                              "input_slice_range": [float(v) for v in sp.input_slice_range],
+                              "weight_slices": sp.weight_slices,
                               "slice_coef": [float(v) for v in sp.slice_coef],
                               "cell_range": [int(v) for v in sp.cell_range],
                               "column_order": ["group", "tile", "slice", "out_channel"]}
@@ -232,9 +232,9 @@ class LayerPlan:
             rec["adc"] = {"bits": ad.bits, "range": ad.range, "columns": self.n_columns,
                           "scale_tensor": N.tensor(self.name, N.ADC_SCALE, "<suffix>"),
                           "zero_point_tensor": N.tensor(self.name, N.ADC_ZERO_POINT, "<suffix>"),
-                          "lossless_columns": int(np.sum((ad.scale == 1.0) & (ad.s_max - ad.s_min + 1 <= 2 ** ad.bits))),
+                          "lossless_columns": int(np.sum((ad.step == 1.0) & (ad.s_max - ad.s_min + 1 <= 2 ** ad.bits))),
                           # per array column, (group, tile, slice, out_channel) order: as in the IR's initializers
-                          "step": [float(v) for v in np.asarray(ad.scale, np.float32)],
+                          "step": [float(v) for v in np.asarray(ad.step, np.float32)],
                           "zero_point": [float(v) for v in np.asarray(ad.zero_point, np.float32)]}
         if self.tiling and self.weight_quant:
             n = len(self.chunks) if self.chunks else 1

@@ -51,6 +51,12 @@ def adc_params(s_min: np.ndarray, s_max: np.ndarray, bits: int) -> tuple[np.ndar
     return delta, z
 
 
+def frozen_range(delta: np.ndarray, z: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The partial-sum range a given step and zero point span: [-z Delta, (2^b - 1 - z) Delta], float32."""
+    delta, z = np.asarray(delta, np.float32), np.asarray(z, np.float32)
+    return (-z * delta).astype(np.float32), ((2 ** bits - 1 - z) * delta).astype(np.float32)
+
+
 def output_affine(input_scale: float, weight_scales, scale, bias, shift) -> tuple[np.ndarray, np.ndarray | None]:
     """(out_scale, out_bias) per output channel, float32: out_scale = float32(s_x) * s_w * scale
     and out_bias = bias * scale + shift, where (scale, shift) is the BatchNorm kept after the
@@ -64,10 +70,16 @@ def output_affine(input_scale: float, weight_scales, scale, bias, shift) -> tupl
     return out_scale, (b * scale + np.asarray(shift, np.float32)).astype(np.float32)
 
 
-def quantize_columns(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_columns(w: np.ndarray, bits: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(q_w, s_w): one symmetric scale per output column (axis 0), s_w = max|W| / (2^(b-1)-1)
+    (1 for an all-zero column) unless ``scale`` is given (a frozen plan: used as given), and
+    q_w = clip(round(W / s_w), -(2^(b-1)-1), 2^(b-1)-1)."""
     qmax = 2 ** (bits - 1) - 1
-    amax = np.max(np.abs(w.reshape(w.shape[0], -1)), axis=1).astype(np.float32)
-    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
+    if scale is None:
+        amax = np.max(np.abs(w.reshape(w.shape[0], -1)), axis=1).astype(np.float32)
+        scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
+    else:
+        scale = np.asarray(scale, np.float32)
     q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.float32)
     return q, scale
 
@@ -116,7 +128,8 @@ def plan_tiles(p: LayerPlan, rows: int, cols: int, mode: str) -> TilePlan:
                 rr = c * k + np.arange(k)
                 mask[t, j] = ((rr >= r0) & (rr < r1)).reshape(kh, kw)
             rows_used.append(r1 - r0)
-    return TilePlan(mode=mode, rows=rows, cols=cols, tiles=T, width=m, channel=channel, mask=mask,
+    return TilePlan(mode=mode, array_rows=rows, array_cols=cols, tiles_per_group=T, channels_per_tile=m,
+                    tile_channels=channel, mask=mask,
                     rows_used=rows_used)
 
 
@@ -174,7 +187,7 @@ def plan_chunks(p, chunk_mib: int) -> list[tuple[int, int, int, int]]:
 
 def chunk_width(p: LayerPlan, t0: int, t1: int) -> int:
     """Input channels the tiles t0..t1 need: padding slots past the last real one are dropped."""
-    ch = p.tiling.channel[t0:t1]
+    ch = p.tiling.tile_channels[t0:t1]
     used = np.nonzero(np.any(ch >= 0, axis=0))[0]
     return int(used[-1]) + 1 if used.size else 1
 
@@ -197,6 +210,12 @@ def tile_classes(p: LayerPlan, s0: int, s1: int, step: int | None = None) -> lis
     return out
 
 
+def layer_chunks(p) -> list[tuple[int, int, int, int]]:
+    """The layer's chunks (t0, t1, s0, s1): as planned, or before slicing one per class of
+    equally wide tiles over all slices."""
+    return p.chunks or tile_classes(p, 0, p.n_slices)
+
+
 def chunk_columns(p: LayerPlan, chunk) -> np.ndarray:
     """Global column indices (group, tile, slice, out_channel order) of a chunk."""
     return column_indices(p.group, p.n_tiles, p.n_slices, p.cout_g, *chunk)
@@ -206,26 +225,26 @@ def array_weights(p: LayerPlan) -> np.ndarray:
     """Cell values of every array column: (G*T*S*cout_g, m, kh, kw).
 
     Column order (group, tile, slice, out_channel); row j of a tile holds local
-    input channel ``tiling.channel[t, j]`` (zero for padding slots and for
+    input channel ``tiling.tile_channels[t, j]`` (zero for padding slots and for
     kernel rows of another tile in row mode).
     """
     tp, sp, wq = p.tiling, p.slicing, p.weight_quant
     slices = sp.weights if sp is not None else wq.q[None]
-    g, T, S, cout_g = p.group, tp.tiles, slices.shape[0], p.cout_g
+    g, T, S, cout_g = p.group, tp.tiles_per_group, slices.shape[0], p.cout_g
     kh, kw = p.kernel
-    wt = np.zeros((g, T, S, cout_g, tp.width, kh, kw), np.float32)
+    wt = np.zeros((g, T, S, cout_g, tp.channels_per_tile, kh, kw), np.float32)
     for gi in range(g):
         rows = slice(gi * cout_g, (gi + 1) * cout_g)
         for t in range(T):
-            for j, c in enumerate(tp.channel[t]):
+            for j, c in enumerate(tp.tile_channels[t]):
                 if c >= 0:
                     wt[gi, t, :, :, j] = slices[:, rows, c] * tp.mask[t, j]
-    return wt.reshape(g * T * S * cout_g, tp.width, kh, kw)
+    return wt.reshape(g * T * S * cout_g, tp.channels_per_tile, kh, kw)
 
 
 def full_range(p: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
     w = array_weights(p).reshape(p.n_columns, -1).astype(np.float64)
-    lo, hi = p.slicing.input_range
+    lo, hi = p.slicing.input_slice_range
     pos, neg = np.clip(w, 0, None), np.clip(w, None, 0)
     s_max = (pos * hi + neg * lo).sum(1)
     s_min = (pos * lo + neg * hi).sum(1)
