@@ -120,6 +120,31 @@ def _check_input(t, a: np.ndarray, where: str) -> np.ndarray:
     return a
 
 
+def _place_after_producers(graph: onnx.GraphProto, first_probe: int) -> None:
+    """Move the probe nodes (from index ``first_probe`` on) to just after the node producing
+    their input: onnxruntime runs nodes in this order, and a probe left at the end would keep
+    every probed tensor (the partial sums of every layer) alive until the end of the run."""
+    nodes = list(graph.node)
+    model_nodes, probes = nodes[:first_probe], nodes[first_probe:]
+    produced_by = {o: i for i, n in enumerate(model_nodes) for o in n.output}
+    after: dict[int, list] = {}
+    made = {o for p in probes for o in p.output}
+    pending = []
+    for p in probes:
+        src = [produced_by[i] for i in p.input if i in produced_by]
+        if any(i in made for i in p.input) or not src:
+            pending.append(p)       # reads another probe's output or only inputs/initializers: keep at the end
+        else:
+            after.setdefault(max(src), []).append(p)
+    order = []
+    for i, n in enumerate(model_nodes):
+        order.append(n)
+        order.extend(after.get(i, []))
+    order.extend(pending)
+    del graph.node[:]
+    graph.node.extend(order)
+
+
 def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
     """Run the model on the calibration inputs with extra output tensors.
 
@@ -129,11 +154,13 @@ def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
     """
     feed = calibration_inputs(model)
     proto = model.to_onnx()
+    before = len(proto.graph.node)
     names = probes(proto)
+    _place_after_producers(proto.graph, before)
     del proto.graph.output[:]
     for n in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = open_session(proto, fusions=True)
+    sess = open_session(proto, fusions=True, priority_order=True)
     out: list[list[np.ndarray]] = [[] for _ in names]
     # probes reduce over the batch: the padding rows of a fixed-batch model repeat a sample and change no min/max
     for _, _, res in run_batches(sess, names, feed, BATCH, trim=False):

@@ -1,4 +1,5 @@
-"""Chip instances: non-ideal ADC and device models drawn from one seed.
+"""The chip model: non-ideal ADC and device models drawn from one seed (pure: configs
+and arrays; ``pimc.runtime.chip.instantiate`` writes a chip's draws into a compiled model).
 
 A chip instance is a compiled PIM IR model with every static draw made:
 
@@ -12,7 +13,7 @@ A chip instance is a compiled PIM IR model with every static draw made:
   lut[k] = k + inl * sin(pi * k / (2^b - 1)) (a bow; INL = max |lut[k] - k|).
 
 and the dynamic one left to the op: thermal noise n ~ N(0, noise_sigma) LSB per
-conversion, from a counter-based hash (see runtime/ops.py), so that
+conversion, from a counter-based hash (``formulas.thermal_noise``), so that
 
     code = clip(round(f_NL(g * s / Delta + o + z) + n), 0, 2^b - 1),   y = (code - z) * Delta
 
