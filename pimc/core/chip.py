@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import read_hw_toml
+from .config import layered, read_hw_toml
 from .errors import PimcError
 from .formulas import mix32
 
@@ -66,14 +66,8 @@ class ChipConfig:
 
 def build_chip_config(preset: str | None = None, hw: str | Path | None = None, **explicit) -> ChipConfig:
     """Defaults < chip preset < ``[nonideal]`` table of a --hw file < explicit values."""
-    vals: dict = {}
-    if preset is not None:
-        if preset not in CHIP_PRESETS:
-            raise PimcError(f"--chip-preset: unknown chip preset '{preset}'; choose one of: {', '.join(CHIP_PRESETS)}")
-        vals.update(CHIP_PRESETS[preset][1])
-    if hw is not None:
-        vals.update(load_hw_nonideal(hw))
-    vals.update({k: v for k, v in explicit.items() if v is not None})
+    vals = layered(CHIP_PRESETS, preset, "--chip-preset", (lambda: load_hw_nonideal(hw)) if hw is not None else None,
+                   explicit)
     fields = {f.name: f for f in dataclasses.fields(ChipConfig)}
     for k in vals:
         if k not in fields:

@@ -167,17 +167,26 @@ def load_hw_file(path: str | Path) -> dict:
     return flat
 
 
-def build_config(preset: str | None = None, hw: str | Path | None = None, **explicit) -> CompileConfig:
-    """Merge defaults, a preset, a hardware file and explicit options; validate."""
+def layered(presets: dict, preset: str | None, option: str, hw_values, explicit: dict) -> dict:
+    """Settings in layers: a preset's (``presets[name] = (description, values)``, chosen with
+    ``option``) < a hardware file's (``hw_values()``, read only when given) < explicit values
+    (None counts as not given).  For compile configs and chip configs alike."""
     values: dict = {}
     if preset is not None:
-        if preset not in PRESETS:
-            raise PimcError(f"--preset: unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-        values.update(PRESETS[preset][1])
-        values["preset"] = preset
-    if hw is not None:
-        values.update(load_hw_file(hw))
+        if preset not in presets:
+            raise PimcError(f"{option}: unknown {option.lstrip('-').replace('-', ' ')} '{preset}'; "
+                            f"choose one of: {', '.join(presets)}")
+        values.update(presets[preset][1])
+    if hw_values is not None:
+        values.update(hw_values())
     values.update({k: v for k, v in explicit.items() if v is not None})
+    return values
+
+
+def build_config(preset: str | None = None, hw: str | Path | None = None, **explicit) -> CompileConfig:
+    """Merge defaults, a preset, a hardware file and explicit options; validate."""
+    values = layered(PRESETS, preset, "--preset", (lambda: load_hw_file(hw)) if hw is not None else None,
+                     {**explicit, "preset": preset})
     cfg = CompileConfig.from_dict(values)
     validate(cfg)
     return cfg
