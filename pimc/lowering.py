@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from .core import names as N
 from .core.names import DOMAIN
 from .core.mapping import LayerPlan
-from .core.planning import array_weights, chunk_columns, chunk_width, layer_chunks, output_affine
+from .core.planning import array_weights, chunk_arrays, layer_chunks, output_affine
 
 
 class _Emitter:
@@ -125,56 +125,44 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
     if p.tiling is None:
         return em.op("Conv", [q, em.const("weight_q", wq.q.astype(np.float32))], "mac", em.conv_attrs(p.group))
 
-    tp, sp = p.tiling, p.slicing
-    g, T, cin_g, cout_g = p.group, tp.tiles_per_group, p.cin_g, p.cout_g
-    P, S = p.n_planes, p.n_slices
+    sp = p.slicing
+    P = p.n_planes
     h = q
     if sp is not None and sp.bit_serial:
         iq = p.input_quant
         h = em.op("BitPlanes", [h], "planes", {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
-
-    kh, kw = p.kernel
-    weights = array_weights(p).reshape(g, T, S, cout_g, tp.channels_per_tile, kh, kw)
-    coef = np.ones((P, S), np.float32)
-    if sp is not None:
-        coef = np.outer(sp.plane_coef, sp.slice_coef).astype(np.float32)
+    weights = array_weights(p)
     chunks = layer_chunks(p)
-    cin = g * cin_g
     padded = None
     parts = []
-    for ci, (t0, t1, s0, s1) in enumerate(chunks):
+    for ci, chunk in enumerate(chunks):
         sfx = N.chunk_suffix(ci, len(chunks))
-        # channels the chunk's tiles read: local channel c of group gi is gi*cin_g + c;
-        # padding slots read an appended zero channel (index Cin)
-        width = chunk_width(p, t0, t1)
-        idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.tile_channels[t][:width]]
-                        for gi in range(g) for t in range(t0, t1)], np.int64).reshape(-1)
+        ca = chunk_arrays(p, chunk, weights)
         hin = h
-        if not np.array_equal(idx, np.arange(cin)):
+        if ca.gather is not None:
             src = h
-            if np.any(idx == cin):
+            if ca.zero_channel:
                 if padded is None:
                     padded = em.op("Pad", [h, em.const("pad_channel", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))],
                                    "pad_channel")
                 src = padded
-            hin = em.op("Gather", [src, em.const("tile_channels", idx, sfx)], "tile_gather", {"axis": 1}, suffix=sfx)
-        w = weights[:, t0:t1, s0:s1, :, :width].reshape(-1, width, kh, kw)
-        a = em.op(N.ARRAY_MAC_OP, [hin, em.const(N.ARRAY_WEIGHT, np.ascontiguousarray(w), sfx)], N.ARRAY_MAC,
-                  em.conv_attrs(g * (t1 - t0)), suffix=sfx)
-        c = coef[:, s0:s1]
-        recombine = not (P == 1 and (s1 - s0) == 1 and (t1 - t0) == 1 and c[0, 0] == 1)
-        rattrs = {"planes": P, "groups": g, "tiles": t1 - t0, "slices": s1 - s0}
+            hin = em.op("Gather", [src, em.const("tile_channels", ca.gather, sfx)], "tile_gather", {"axis": 1},
+                        suffix=sfx)
+        a = em.op(N.ARRAY_MAC_OP, [hin, em.const(N.ARRAY_WEIGHT, ca.weight, sfx)], N.ARRAY_MAC,
+                  em.conv_attrs(ca.groups), suffix=sfx)
+        t0, t1, s0, s1 = chunk
+        rattrs = {"planes": P, "groups": p.group, "tiles": t1 - t0, "slices": s1 - s0}
         if p.adc is not None:
-            cols = chunk_columns(p, (t0, t1, s0, s1))
+            cols = ca.columns
             adc_in = [a, em.const(N.ADC_SCALE, p.adc.step[cols].astype(np.float32).reshape(1, -1, 1, 1), sfx),
                       em.const(N.ADC_ZERO_POINT, p.adc.zero_point[cols].astype(np.float32).reshape(1, -1, 1, 1), sfx)]
-            if recombine:   # conversion and recombination fused: the partial sums are read once
-                parts.append(em.op("AdcRecombine", adc_in + [em.const("recombine_coef", np.ascontiguousarray(c), sfx)],
+            if ca.recombine:   # conversion and recombination fused: the partial sums are read once
+                parts.append(em.op("AdcRecombine", adc_in + [em.const("recombine_coef", ca.coef, sfx)],
                                    N.ADC, {"bits": p.adc.bits, **rattrs}, DOMAIN, suffix=sfx))
                 continue
             a = em.op("AdcQuantize", adc_in, N.ADC, {"bits": p.adc.bits}, DOMAIN, suffix=sfx)
-        if recombine:
-            parts.append(em.op("Recombine", [a, em.const("recombine_coef", np.ascontiguousarray(c), sfx)],
+        if ca.recombine:
+            parts.append(em.op("Recombine", [a, em.const("recombine_coef", ca.coef, sfx)],
                                "recombine", rattrs, DOMAIN, suffix=sfx))
         else:
             parts.append(a)   # one column per output channel already

@@ -258,3 +258,28 @@ def test_calibration_inputs_from_memory_equal_those_from_a_file(tmp_path):
         pimc.compile_model(m, calib_inputs=calib, calib_data=str(tmp_path / "c.npy"), **kw)
     with pytest.raises(pimc.PimcError, match="calib_inputs has shape"):
         pimc.compile_model(m, calib_inputs=calib[:, :3], **kw)
+
+
+@pytest.mark.parametrize("tile_mode, chunk_mib", [("channel", 256), ("row", 256), ("channel", 1)])
+def test_the_ir_holds_the_chunk_arrays_of_the_planning_rules(tile_mode, chunk_mib):
+    """planning.chunk_arrays is what the emitter writes: every chunk's array weights and
+    channel gather in the IR equal it (training gathers and convolves with the same arrays)."""
+    from onnx import numpy_helper
+    from pimc.core import names as N
+    from pimc.core.planning import chunk_arrays, layer_chunks
+    rng = np.random.default_rng(5)
+    m = conv_model(rng.standard_normal((24, 6, 3, 3)).astype(np.float32), None, pad=(1, 1, 1, 1), group=2,
+                   in_shape=["N", 12, 8, 8])
+    res = pimc.compile_model(m, scheme="bit-serial+differential", cell_bits=2, array_rows=40, tile_mode=tile_mode,
+                             chunk_mib=chunk_mib)
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for p in res.pim.layers.values():
+        chunks = layer_chunks(p)
+        assert len(chunks) > 1 or chunk_mib > 1
+        for ci, chunk in enumerate(chunks):
+            sfx = N.chunk_suffix(ci, len(chunks))
+            ca = chunk_arrays(p, chunk)
+            assert np.array_equal(inits[N.tensor(p.name, N.ARRAY_WEIGHT, sfx)], ca.weight)
+            gather = inits.get(N.tensor(p.name, "tile_channels", sfx))
+            assert (gather is None and ca.gather is None) or np.array_equal(gather, ca.gather)
+            assert np.array_equal(inits[N.tensor(p.name, "recombine_coef", sfx)], ca.coef) or not ca.recombine

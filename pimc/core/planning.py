@@ -9,8 +9,9 @@ exists once (the passes only store their results and have the emitter write node
   the integer weights and their recombination coefficients;
 * ``array_weights``: every array column's cells, in the IR's column order
   (group, tile, slice, out_channel); ``chunk_columns`` a chunk's columns in that order;
-* ``plan_chunks`` (``tile_classes``, ``chunk_width``): which (tile, slice) pairs share
-  one array conv, ADC and recombination;
+* ``plan_chunks`` (``tile_classes``, ``chunk_width``, ``layer_chunks``): which (tile, slice)
+  pairs share one array conv, ADC and recombination; ``chunk_arrays`` what one chunk computes
+  with (channel gather, cells, recombination coefficients);
 * ``full_range``: each column's worst-case partial-sum range;
 * ``adc_params``: the step Delta and integer zero point z of each ADC column from its
   partial-sum range;
@@ -20,6 +21,7 @@ exists once (the passes only store their results and have the emitter write node
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -240,6 +242,52 @@ def array_weights(p: LayerPlan) -> np.ndarray:
                 if c >= 0:
                     wt[gi, t, :, :, j] = slices[:, rows, c] * tp.mask[t, j]
     return wt.reshape(g * T * S * cout_g, tp.channels_per_tile, kh, kw)
+
+
+@dataclass(frozen=True)
+class ChunkArrays:
+    """What one chunk (t0, t1, s0, s1) of a layer's columns computes, as arrays: the emitter
+    writes these into the IR and training gathers and convolves with the same ones.
+
+    * ``gather``: input channels the chunk's tiles read, in order (local channel c of group
+      gi is gi*cin_g + c; a padding slot reads channel Cin, an appended zero channel), or
+      None when that is every channel in order;
+    * ``weight``: (G*(t1-t0)*(s1-s0)*cout_g, width, kh, kw) cells, a grouped convolution with
+      ``groups`` = G*(t1-t0) over the gathered channels;
+    * ``columns``: the chunk's global column indices (group, tile, slice, out_channel);
+    * ``coef``: (planes, s1-s0) recombination weight of each (plane, slice);
+    * ``recombine``: False when the array columns already are the output channels."""
+    gather: np.ndarray | None
+    zero_channel: bool
+    weight: np.ndarray
+    groups: int
+    columns: np.ndarray
+    coef: np.ndarray
+    recombine: bool
+
+
+def chunk_arrays(p: LayerPlan, chunk, weights: np.ndarray | None = None) -> ChunkArrays:
+    """The :class:`ChunkArrays` of chunk (t0, t1, s0, s1) of a tiled layer (``weights``: the
+    layer's ``array_weights`` when the caller already has them)."""
+    t0, t1, s0, s1 = chunk
+    tp, sp = p.tiling, p.slicing
+    g, T, cin_g, cout_g = p.group, tp.tiles_per_group, p.cin_g, p.cout_g
+    P, S = p.n_planes, p.n_slices
+    kh, kw = p.kernel
+    cin = g * cin_g
+    if weights is None:
+        weights = array_weights(p)
+    weights = weights.reshape(g, T, S, cout_g, tp.channels_per_tile, kh, kw)
+    width = chunk_width(p, t0, t1)
+    idx = np.array([[gi * cin_g + c if c >= 0 else cin for c in tp.tile_channels[t][:width]]
+                    for gi in range(g) for t in range(t0, t1)], np.int64).reshape(-1)
+    gather = None if np.array_equal(idx, np.arange(cin)) else idx
+    coef = np.ones((P, S), np.float32) if sp is None else np.outer(sp.plane_coef, sp.slice_coef).astype(np.float32)
+    c = np.ascontiguousarray(coef[:, s0:s1])
+    return ChunkArrays(gather=gather, zero_channel=gather is not None and bool(np.any(idx == cin)),
+                       weight=np.ascontiguousarray(weights[:, t0:t1, s0:s1, :, :width].reshape(-1, width, kh, kw)),
+                       groups=g * (t1 - t0), columns=chunk_columns(p, chunk), coef=c,
+                       recombine=not (P == 1 and (s1 - s0) == 1 and (t1 - t0) == 1 and c[0, 0] == 1))
 
 
 def full_range(p: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
