@@ -24,7 +24,7 @@ class InputQuant:
     scale: float
     bits: int
     signed: bool
-    source: str  # "calibration" | "synthetic" | "model"
+    source: str  # "calibration" | "synthetic" | "file" | "memory" | "model" (QDQ) | "frozen" (a frozen plan)
     observed_min: float = 0.0
     observed_max: float = 0.0
 
@@ -63,7 +63,7 @@ class SlicePlan:
 @dataclass
 class AdcPlan:
     bits: int
-    range: str                 # "full" | "calibrated"
+    range: str                 # "full" | "calibrated" | "frozen" (given by a frozen plan)
     step: np.ndarray           # (ncols,) step Delta per column
     zero_point: np.ndarray     # (ncols,) integer zero point per column
     s_min: np.ndarray          # (ncols,) range the scale was derived from
