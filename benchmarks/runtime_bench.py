@@ -76,28 +76,6 @@ def rates(sessions: dict, x, batch, n) -> dict:
     return {k: n / t for k, t in spent.items()}
 
 
-def mac_expansion(mapping: dict) -> float:
-    """Compiled graph MACs over float MACs, from the mapping (each chunk's convolution reads
-    the channels of its widest tile; short last tiles have chunks of their own)."""
-    compiled = flt = 0
-    for L in mapping["layers"]:
-        kh, kw = L["kernel"]
-        pix = int(np.prod(L["output_spatial"]))
-        flt += L["cout"] * L["cin_per_group"] * kh * kw * pix
-        if "tiling" not in L:
-            compiled += L["cout"] * L["cin_per_group"] * kh * kw * pix
-            continue
-        P = L["slicing"]["planes"]
-        S = len(L["slicing"]["weight_slices"])
-        chans = L["tiling"]["tile_channels"]
-        G, cout_g = L["group"], L["cout"] // L["group"]
-        for ch in L.get("chunks") or [{"tiles": [0, len(chans)], "slices": [0, S]}]:
-            (t0, t1), (s0, s1) = ch["tiles"], ch["slices"]
-            width = max(max((j + 1 for j, c in enumerate(chans[t]) if c >= 0), default=1) for t in range(t0, t1))
-            compiled += P * G * (t1 - t0) * (s1 - s0) * cout_g * width * kh * kw * pix
-    return compiled / flt
-
-
 def memory_child(opts: str, model: str, calib: str, xfile: str) -> None:
     import pimc
     from pimc.runtime import open_session
@@ -121,6 +99,7 @@ def main():
         return memory_child(*a.child)
 
     import pimc
+    from pimc.core.mapping import mac_expansion, read_mapping
     from pimc.runtime import open_session
     from pimc.core.chip import build_chip_config
     from pimc.runtime.native import native_library
@@ -142,7 +121,7 @@ def main():
         np.save(xfile, x[:256])
         flt = pimc.compile_model(str(model), scheme="float")
         res = pimc.compile_model(str(model), calib_data=str(calib), **BENCH)
-        expansion = mac_expansion(res.mapping)
+        expansion = mac_expansion(read_mapping(res.model))
         s_float, s_nat = open_session(flt.model), open_session(res.model, native=True)
         s_body = open_session(res.model, native=False)
         chip = build_chip_config(preset="pimqat-chip7", noise_sigma=0.5, chip_seed=1)

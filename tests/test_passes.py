@@ -283,3 +283,15 @@ def test_the_ir_holds_the_chunk_arrays_of_the_planning_rules(tile_mode, chunk_mi
             gather = inits.get(N.tensor(p.name, "tile_channels", sfx))
             assert (gather is None and ca.gather is None) or np.array_equal(gather, ca.gather)
             assert np.array_equal(inits[N.tensor(p.name, "recombine_coef", sfx)], ca.coef) or not ca.recombine
+
+
+@pytest.mark.parametrize("scheme, expect", [("differential", 2.0), ("bit-serial+differential", 16.0), ("native", 1.0)])
+def test_mac_expansion_counts_the_compiled_graphs_macs(scheme, expect):
+    """16 input channels of 3x3 kernels on 128-row arrays: tiles of 14 and 2 channels (each its own
+    chunk, so no padding MACs); differential doubles the columns, 8 bit planes multiply by 8."""
+    from pimc.core.mapping import mac_expansion, read_mapping
+    rng = np.random.default_rng(2)
+    m = conv_model(rng.standard_normal((8, 16, 3, 3)).astype(np.float32), None, pad=(1, 1, 1, 1),
+                   in_shape=["N", 16, 8, 8])
+    res = pimc.compile_model(m, scheme=scheme, input_bits=8)
+    assert mac_expansion(read_mapping(res.model)) == expect

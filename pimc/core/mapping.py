@@ -463,6 +463,28 @@ class CompiledMapping:
         return next(L for L in self.layers if L.name == name)
 
 
+def mac_expansion(mapping: CompiledMapping) -> float:
+    """Multiply-accumulates of the compiled graph over those of the float model: per chunk,
+    planes x groups x tiles x slices x out channels x the channels its widest tile reads x
+    kernel x output pixels (short last tiles have chunks of their own); digital layers count
+    once.  Needs the layers' output sizes (static shapes or calibration)."""
+    compiled = flt = 0
+    for L in mapping.layers:
+        kh, kw = L.kernel
+        pix = int(np.prod(L.output_spatial))
+        macs = L.cout * L.cin_per_group * kh * kw * pix
+        flt += macs
+        if L.tiling is None:
+            compiled += macs
+            continue
+        chans = L.tiling.tile_channels
+        for ch in L.chunk_list:
+            (t0, t1), (s0, s1) = ch.tiles, ch.slices
+            width = max(max((j + 1 for j, c in enumerate(chans[t]) if c >= 0), default=1) for t in range(t0, t1))
+            compiled += L.slicing.planes * L.group * (t1 - t0) * (s1 - s0) * L.cout_per_group * width * kh * kw * pix
+    return compiled / flt
+
+
 IR_VERSION = 2   # of the compiled model's metadata; 1: before the typed mapping (pimc.ir_version absent)
 
 
