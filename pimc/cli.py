@@ -526,6 +526,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except Exception as e:   # running out of memory is a one-line error too; anything else is a bug: traceback
+        if not _out_of_memory(e):
+            raise
+        first = (str(e).splitlines() or [""])[0].strip()
+        _err(f"out of memory{f' ({first[:160]})' if first else ''}; lower the need: fewer calibration samples "
+             f"(--calib-samples), a smaller --chunk-mib or a smaller --batch-size")
+        return 2
+
+
+# onnxruntime reports a failed allocation as its own exception types, with these messages
+_OOM_MESSAGES = ("failed to allocate memory", "bad_alloc", "bad allocation", "std::bad_alloc")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    msg = str(e).lower()
+    return any(m in msg for m in _OOM_MESSAGES)
 
 
 if __name__ == "__main__":

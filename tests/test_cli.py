@@ -133,3 +133,30 @@ def test_presets_command(capsys):
     out = capsys.readouterr().out
     for name in ("pimqat-native", "pimqat-differential", "pimqat-bit-serial", "columnquant-128"):
         assert name in out
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero "
+                                                              "status code returned while running Conv node. "
+                                                              "Failed to allocate memory for requested buffer of "
+                                                              "size 6442450944")])
+def test_out_of_memory_is_one_line(model_file, tmp_path, capsys, monkeypatch, exc):
+    import pimc.pipeline
+
+    def boom(*a, **k):
+        raise exc
+    monkeypatch.setattr(pimc.pipeline, "compile_model", boom)
+    out = tmp_path / "o.pim.onnx"
+    rc = main(["compile", str(model_file), "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("pimc: error: out of memory") and "\n" not in err and "--chunk-mib" in err, err
+    assert not out.exists()
+
+
+def test_other_exceptions_still_raise(model_file, tmp_path, monkeypatch):
+    import pimc.pipeline
+
+    def boom(*a, **k):
+        raise ValueError("a bug")
+    monkeypatch.setattr(pimc.pipeline, "compile_model", boom)
+    with pytest.raises(ValueError):
+        main(["compile", str(model_file), "-o", str(tmp_path / "o.pim.onnx"), "-q"])
