@@ -122,8 +122,9 @@ def _check_input(t, a: np.ndarray, where: str) -> np.ndarray:
 
 def _place_after_producers(graph: onnx.GraphProto, first_probe: int) -> None:
     """Move the probe nodes (from index ``first_probe`` on) to just after the node producing
-    their input: onnxruntime runs nodes in this order, and a probe left at the end would keep
-    every probed tensor (the partial sums of every layer) alive until the end of the run."""
+    their input.  With the priority-based execution order the probe sessions use, this lets a
+    probed tensor be freed sooner (ResNet-20, bit-serial W8 with 1-bit cells, 230 probes at
+    batch 64: 887 MiB peak instead of 955 MiB); onnxruntime's default order ignores it."""
     nodes = list(graph.node)
     model_nodes, probes = nodes[:first_probe], nodes[first_probe:]
     produced_by = {o: i for i, n in enumerate(model_nodes) for o in n.output}

@@ -331,6 +331,7 @@ def _eval_setup(model: Path, opts: dict, plots: bool, command: str) -> tuple:
     from .io import load_onnx
     from .pipeline import refuse_compiled
     from pimc.core.chip import build_chip_config
+
     refuse_compiled(load_onnx(model), str(model), command)
 
     e = {k: opts.pop(k) for k in ("data", "scale", "mean", "std", "layout", "batch_size", "split", "calib_from",
@@ -419,6 +420,7 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
     from .datasets import load_images, preprocess
     from .io import load_onnx, write_bytes_atomic
     from pimc.core.chip import build_chip_config
+
     if images < 1 or batch_size < 1:
         raise PimcError("--images and --batch-size must be >= 1")
     if output.resolve() == model.resolve():

@@ -255,6 +255,14 @@ class LayerPlan:
         return rec
 
 
+def tiles_width(tile_channels, t0: int, t1: int) -> int:
+    """Input channels tiles t0..t1 read (``tile_channels``: (T, m) local channel per slot, -1 =
+    padding): padding slots past the last real one are dropped.  The width of a chunk's array conv."""
+    ch = np.asarray(tile_channels)[t0:t1]
+    used = np.nonzero(np.any(ch >= 0, axis=0))[0]
+    return int(used[-1]) + 1 if used.size else 1
+
+
 def column_indices(groups: int, tiles: int, slices: int, cout_g: int, t0: int, t1: int, s0: int, s1: int) -> np.ndarray:
     """Global array-column indices, in (group, tile, slice, out_channel) order, of tiles
     [t0, t1) and slices [s0, s1) of a layer with the given counts."""
@@ -477,10 +485,9 @@ def mac_expansion(mapping: CompiledMapping) -> float:
         if L.tiling is None:
             compiled += macs
             continue
-        chans = L.tiling.tile_channels
         for ch in L.chunk_list:
             (t0, t1), (s0, s1) = ch.tiles, ch.slices
-            width = max(max((j + 1 for j, c in enumerate(chans[t]) if c >= 0), default=1) for t in range(t0, t1))
+            width = tiles_width(L.tiling.tile_channels, t0, t1)
             compiled += L.slicing.planes * L.group * (t1 - t0) * (s1 - s0) * L.cout_per_group * width * kh * kw * pix
     return compiled / flt
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import PimcError
-from .mapping import LayerPlan, TilePlan, column_indices
+from .mapping import LayerPlan, TilePlan, column_indices, tiles_width
 
 
 def input_scale(lo: float, hi: float, bits: int) -> tuple[float, bool]:
@@ -189,9 +189,7 @@ def plan_chunks(p, chunk_mib: int) -> list[tuple[int, int, int, int]]:
 
 def chunk_width(p: LayerPlan, t0: int, t1: int) -> int:
     """Input channels the tiles t0..t1 need: padding slots past the last real one are dropped."""
-    ch = p.tiling.tile_channels[t0:t1]
-    used = np.nonzero(np.any(ch >= 0, axis=0))[0]
-    return int(used[-1]) + 1 if used.size else 1
+    return tiles_width(p.tiling.tile_channels, t0, t1)
 
 
 def tile_classes(p: LayerPlan, s0: int, s1: int, step: int | None = None) -> list[tuple[int, int, int, int]]:
