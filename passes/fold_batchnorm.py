@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from pimc.core.planning import bn_affine
 from pimc.lowering import emit_layer
 from pimc.model import PimModel
 from .base import Transformation
@@ -50,8 +51,7 @@ class FoldBatchNorm(Transformation):
             if plan.bn_output is None:   # the first BatchNorm after the layer (a second one is folded too)
                 plan.source_initializers.update(zip(("bn_scale", "bn_bias", "bn_mean", "bn_var"),
                                                     (t.name for t in params)))
-            s = gamma / np.sqrt(var + eps)
-            t = beta - mean * s
+            s, t = bn_affine(gamma, beta, mean, var, eps)
             if model.config.fold_bn == "weights":
                 plan.weight = (plan.weight.astype(np.float64) * s[:, None, None, None]).astype(np.float32)
                 b = plan.bias.astype(np.float64) if plan.bias is not None else np.zeros(plan.cout)

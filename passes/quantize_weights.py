@@ -8,7 +8,8 @@ the differential magnitudes fit b-1 bits.  The layer is re-emitted as the
 digital quantized layer: ``QuantizeInput`` -> ``Conv(q_x, q_w)`` (an exact
 integer accumulator) -> ``Mul(s_x * s_w * bn_scale)`` -> ``Add(bias)``.
 This model is *the* digital quantized reference of every PIM compile.
-A frozen plan's ``weight_scales`` (``compile_model(plan=...)``) replace s_w as given.
+A frozen plan's ``weight_scales`` (``compile_model(plan=...)``) replace s_w as given,
+and its ``output_rescale`` multiplies the output scale.
 """
 from __future__ import annotations
 
@@ -32,5 +33,6 @@ class QuantizeWeights(Transformation):
                                 f"{p.cout} output columns")
             q, s = quantize_columns(p.weight, bits, given)
             p.weight_quant = WeightQuant(bits=bits, q=q, scale=s)
+            p.output_rescale = model.frozen_layer(p.name).output_rescale
             emit_layer(model.graph, p)
         return model, bool(model.layers)

@@ -120,7 +120,7 @@ def calibrate_bn(model: onnx.ModelProto, chip, x: np.ndarray, *, batch: int = 64
         mean, var = channel_stats(out, chip, deq.input[0], x, batch, pre_bn)
         s = (gamma / np.sqrt(var + eps)).astype(np.float32)
         t = (beta - mean * s.astype(np.float64)).astype(np.float32)
-        out_scale, shift = output_affine(L.input_quant.scale, L.weight_quant.scales, s, bias, t)
+        out_scale, shift = output_affine(L.input_quant.scale, L.weight_quant.scales, s, bias, t, L.output_rescale)
         for name, v in ((N.tensor(L.name, N.OUT_SCALE), out_scale), (N.tensor(L.name, N.OUT_BIAS), shift)):
             old = inits[name]
             old.CopyFrom(numpy_helper.from_array(v.reshape(numpy_helper.to_array(old).shape), name))

@@ -105,7 +105,7 @@ def _build(em: _Emitter, p: LayerPlan) -> None:
         q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], "q_in",
                   {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
         acc = _integer_core(em, p, q)
-        out_scale, _ = output_affine(iq.scale, wq.scale, scale, None, None)
+        out_scale, _ = output_affine(iq.scale, wq.scale, scale, None, None, p.output_rescale)
         # a kept BatchNorm always gets its Add, so that calibrate-bn can rewrite the shift
         has_shift = shift is not None and (p.bn_stats is not None or bool(np.any(shift != 0)))
         y = em.op("Mul", [acc, em.const(N.OUT_SCALE, out_scale.reshape(1, -1, 1, 1))], N.DEQUANTIZE,

@@ -8,7 +8,8 @@ import pytest
 import pimc
 from helpers import conv_model, gemm_model, run
 from pimc.core.config import build_config
-from pimc.core.planning import plan_slices, plan_tiles, split_signed, split_unsigned
+from pimc.core.formulas import weight_slices
+from pimc.core.planning import plan_slices, plan_tiles
 
 RNG = np.random.default_rng(7)
 
@@ -88,11 +89,11 @@ def test_plan_tiles_channel_and_row_modes():
 def test_split_helpers_recombine():
     q = np.arange(-127, 128, dtype=np.float32)
     for cell in (1, 2, 3, 8):
-        parts = split_signed(q, 8, cell)
+        parts = list(weight_slices(q, bits=8, cell_bits=cell, differential=False))
         assert np.array_equal(sum(2.0 ** (cell * j) * d for j, d in enumerate(parts)), q)
         assert all(np.all((d >= 0) & (d < 2 ** cell)) for d in parts[:-1])
     mag = np.arange(0, 128, dtype=np.float32)
-    parts = split_unsigned(mag, 7, 3)
+    parts = list(weight_slices(mag, bits=8, cell_bits=3, differential=True))[:3]
     assert len(parts) == 3 and np.array_equal(sum(8.0 ** j * d for j, d in enumerate(parts)), mag)
     names, coef, rng, w = plan_slices(4, 1, True, np.array([[-7, 3, 0]], np.float32))
     assert names == ["pos.c0", "pos.c1", "pos.c2", "neg.c0", "neg.c1", "neg.c2"]

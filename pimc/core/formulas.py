@@ -34,9 +34,11 @@ def _xp(x):
 
 def _f32(xp, v, like):
     """``v`` (a number, a numpy array or an array of ``like``'s library) as float32 in that library."""
-    if isinstance(v, (int, float, np.generic, np.ndarray)) and not isinstance(like, np.ndarray):
-        return xp.asarray(np.asarray(v, np.float32), device=like.device)
-    return xp.astype(xp.asarray(v), xp.float32)
+    if isinstance(v, (int, float, np.generic, np.ndarray)):
+        if not isinstance(like, np.ndarray):
+            return xp.asarray(np.asarray(v, np.float32), device=like.device)
+        return xp.astype(xp.asarray(v), xp.float32)
+    return xp.astype(v, xp.float32)
 
 
 # ---------------------------------------------------------------- input quantization
@@ -71,6 +73,47 @@ def bit_planes(q, *, bits: int, signed: int):
     u = xp.where(q < 0, q + float(2 ** bits), q)
     planes = [xp.floor(u / float(2 ** p)) - 2 * xp.floor(u / float(2 ** (p + 1))) for p in range(bits)]
     return xp.concat(planes, axis=0)
+
+
+# ---------------------------------------------------------------- weights
+def quantize_weight(w, scale, *, bits: int):
+    """q_w = clip(round(W / s_w), -(2^(b-1)-1), 2^(b-1)-1), one scale per output column
+    (axis 0 of ``w``): the integer weights of every scheme."""
+    xp = _xp(w)
+    qmax = float(2 ** (bits - 1) - 1)
+    w = xp.astype(w, xp.float32)
+    s = xp.reshape(_f32(xp, scale, w), (-1, *([1] * (w.ndim - 1))))
+    return xp.clip(xp.round(w / s), -qmax, qmax)
+
+
+def _digits(v, bits: int, cell: int) -> list:
+    """Non-negative integers of ``bits`` bits -> unsigned ``cell``-bit digits, least significant first."""
+    xp = _xp(v)
+    n = -(-bits // cell)
+    return [xp.floor(v / float(2 ** (cell * j))) % float(2 ** cell) for j in range(n)]
+
+
+def weight_slices(q, *, bits: int, cell_bits: int, differential: bool):
+    """The weight slices of integer weights ``q`` stacked on a new axis 0, in the mapping's
+    slice order: ``differential``: the cells of max(q, 0), then those of max(-q, 0)
+    (``bits`` - 1 magnitude bits); else the unsigned low cells of q and a signed top cell.
+    ``cell_bits`` 0 puts the whole value (or magnitude) in one cell."""
+    xp = _xp(q)
+    q = xp.astype(q, xp.float32)
+    if differential:
+        mag = bits - 1
+        c = cell_bits or mag
+        zero = xp.zeros_like(q)
+        parts = _digits(xp.maximum(q, zero), mag, c) + _digits(xp.maximum(-q, zero), mag, c)
+    else:
+        c = cell_bits or bits
+        n = -(-bits // c)
+        if n == 1:
+            parts = [q]
+        else:
+            top_shift = float(2 ** (c * (n - 1)))
+            parts = _digits(q % top_shift, c * (n - 1), c)[: n - 1] + [xp.floor(q / top_shift)]
+    return xp.stack(parts, axis=0)
 
 
 # ---------------------------------------------------------------- ideal ADC

@@ -10,7 +10,9 @@ each field left ``None`` is planned as usual.
   inputs; without ``input_signed`` the sign comes from the calibration data's range;
 * ``weight_scales`` (Cout,): q_w = clip(round(W / s_w), -(2^(b-1)-1), 2^(b-1)-1);
 * ``adc_step``, ``adc_zero_point`` (columns,): each array column's Delta and z, in the
-  mapping's column order (group, tile, slice, out_channel); given together.
+  mapping's column order (group, tile, slice, out_channel); given together;
+* ``output_rescale``: a factor multiplying the layer's out_scale (PIM-QAT's trained
+  rescaling of the converted partial sums), recorded in the mapping.
 
 The JSON form (``to_json`` / ``from_json``) is ``{"layers": {name: {field: value}}}``;
 ``from_mapping`` takes the values of a compiled model, so that recompiling with them
@@ -26,7 +28,7 @@ import numpy as np
 
 from .errors import PimcError
 
-FIELDS = ("input_scale", "input_signed", "weight_scales", "adc_step", "adc_zero_point")
+FIELDS = ("input_scale", "input_signed", "weight_scales", "adc_step", "adc_zero_point", "output_rescale")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class FrozenLayer:
     weight_scales: np.ndarray | None = None    # (Cout,) float32
     adc_step: np.ndarray | None = None         # (columns,) float32
     adc_zero_point: np.ndarray | None = None   # (columns,) float32, integer-valued
+    output_rescale: float | None = None        # PIM-QAT rescaling factor, multiplies out_scale
 
     def to_record(self) -> dict:
         out = {}
@@ -59,6 +62,11 @@ def _layer(name: str, rec: dict, where: str) -> FrozenLayer:
             if not np.isfinite(s) or s <= 0:
                 raise ValueError(f"input_scale must be a positive number, got {rec['input_scale']!r}")
             vals["input_scale"] = s
+        if rec.get("output_rescale") is not None:
+            r = float(np.float32(rec["output_rescale"]))
+            if not np.isfinite(r) or r <= 0:
+                raise ValueError(f"output_rescale must be a positive number, got {rec['output_rescale']!r}")
+            vals["output_rescale"] = r
         if rec.get("input_signed") is not None:
             if not isinstance(rec["input_signed"], (bool, np.bool_)):
                 raise ValueError(f"input_signed must be true or false, got {rec['input_signed']!r}")
@@ -120,6 +128,8 @@ class FrozenPlan:
             vals = {}
             if L.input_quant is not None:
                 vals.update(input_scale=L.input_quant.scale, input_signed=L.input_quant.signed)
+            if L.output_rescale is not None:
+                vals["output_rescale"] = L.output_rescale
             if L.weight_quant is not None:
                 vals["weight_scales"] = np.asarray(L.weight_quant.scales, np.float32)
             if L.adc is not None:

@@ -96,6 +96,7 @@ class LayerPlan:
     slicing: SlicePlan | None = None
     adc: AdcPlan | None = None
     chunks: list[tuple[int, int, int, int]] | None = None   # (t0, t1, s0, s1) per chunk of array columns
+    output_rescale: float | None = None   # a trained PIM-QAT rescaling factor in out_scale (frozen plan)
     # names of the source model's initializers this layer was built from (weight, bias, BatchNorm
     # scale/bias/mean/var): both torch exporters name them after the state_dict keys
     source_initializers: dict = field(default_factory=dict)
@@ -193,6 +194,8 @@ class LayerPlan:
             "output_spatial": self.out_spatial(),
             "source_initializers": dict(self.source_initializers),
         }
+        if self.output_rescale is not None:
+            rec["output_rescale"] = float(self.output_rescale)
         if self.bn_stats is not None:
             rec["bn_stats"] = {k: (float(v) if np.ndim(v) == 0 else [float(x) for x in v])
                                for k, v in self.bn_stats.items()}
@@ -397,6 +400,7 @@ class LayerMapping:
     conversions_per_inference: int | None = None
     source_initializers: dict | None = None   # weight, bias, bn_scale, bn_bias, bn_mean, bn_var -> name
     tensors: dict | None = None               # the layer's IR tensor and node names (pimc.core.names), per chunk
+    output_rescale: float | None = None       # trained PIM-QAT rescaling factor folded into out_scale
 
     @classmethod
     def from_record(cls, rec: dict) -> "LayerMapping":

@@ -5,8 +5,9 @@ exists once (the passes only store their results and have the emitter write node
 * ``input_scale``: the step of a layer's quantized inputs from their observed range;
 * ``quantize_columns``: per-output-column symmetric weight scales and integer weights;
 * ``plan_tiles`` (``check_kernel_fits``): the weight rows of each column on R x C arrays;
-* ``plan_slices`` (``split_unsigned``, ``split_signed``): differential / cell slices of
-  the integer weights and their recombination coefficients;
+* ``plan_slices``: differential / cell slices of the integer weights (``formulas.weight_slices``)
+  and their recombination coefficients;
+* ``bn_affine``: an inference BatchNorm as a per-channel scale and shift;
 * ``array_weights``: every array column's cells, in the IR's column order
   (group, tile, slice, out_channel); ``chunk_columns`` a chunk's columns in that order;
 * ``plan_chunks`` (``tile_classes``, ``chunk_width``, ``layer_chunks``): which (tile, slice)
@@ -20,13 +21,15 @@ exists once (the passes only store their results and have the emitter write node
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import formulas as F
 from .errors import PimcError
-from .mapping import LayerPlan, TilePlan, column_indices, tiles_width
+from .mapping import LayerMapping, LayerPlan, SlicePlan, TilePlan, WeightQuant, column_indices, tiles_width
 
 
 def input_scale(lo: float, hi: float, bits: int) -> tuple[float, bool]:
@@ -59,13 +62,17 @@ def frozen_range(delta: np.ndarray, z: np.ndarray, bits: int) -> tuple[np.ndarra
     return (-z * delta).astype(np.float32), ((2 ** bits - 1 - z) * delta).astype(np.float32)
 
 
-def output_affine(input_scale: float, weight_scales, scale, bias, shift) -> tuple[np.ndarray, np.ndarray | None]:
+def output_affine(input_scale: float, weight_scales, scale, bias, shift,
+                  rescale: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(out_scale, out_bias) per output channel, float32: out_scale = float32(s_x) * s_w * scale
-    and out_bias = bias * scale + shift, where (scale, shift) is the BatchNorm kept after the
+    (times float32(rescale), a trained PIM-QAT rescaling factor, when given) and
+    out_bias = bias * scale + shift, where (scale, shift) is the BatchNorm kept after the
     arrays (scale 1 and no shift without one); out_bias is None when there is neither bias
     nor shift."""
     scale = np.asarray(scale, np.float32)
     out_scale = (np.float32(input_scale) * np.asarray(weight_scales, np.float32) * scale).astype(np.float32)
+    if rescale is not None:
+        out_scale = (out_scale * np.float32(rescale)).astype(np.float32)
     if shift is None:
         return out_scale, None if bias is None else np.asarray(bias, np.float32)
     b = np.zeros(scale.shape, np.float32) if bias is None else np.asarray(bias, np.float32)
@@ -75,15 +82,22 @@ def output_affine(input_scale: float, weight_scales, scale, bias, shift) -> tupl
 def quantize_columns(w: np.ndarray, bits: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(q_w, s_w): one symmetric scale per output column (axis 0), s_w = max|W| / (2^(b-1)-1)
     (1 for an all-zero column) unless ``scale`` is given (a frozen plan: used as given), and
-    q_w = clip(round(W / s_w), -(2^(b-1)-1), 2^(b-1)-1)."""
+    q_w = ``formulas.quantize_weight`` (clip(round(W / s_w), -(2^(b-1)-1), 2^(b-1)-1))."""
     qmax = 2 ** (bits - 1) - 1
     if scale is None:
         amax = np.max(np.abs(w.reshape(w.shape[0], -1)), axis=1).astype(np.float32)
         scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
     else:
         scale = np.asarray(scale, np.float32)
-    q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.float32)
-    return q, scale
+    return F.quantize_weight(w, scale, bits=bits).astype(np.float32), scale
+
+
+def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """An inference BatchNorm as a per-channel affine (scale, shift), in float64:
+    scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
+    gamma, beta, mean, var = (np.asarray(v, np.float64) for v in (gamma, beta, mean, var))
+    s = gamma / np.sqrt(var + eps)
+    return s, beta - mean * s
 
 
 def check_kernel_fits(p: LayerPlan, rows: int, mode: str) -> None:
@@ -135,39 +149,24 @@ def plan_tiles(p: LayerPlan, rows: int, cols: int, mode: str) -> TilePlan:
                     rows_used=rows_used)
 
 
-def split_unsigned(v: np.ndarray, bits: int, cell: int) -> list[np.ndarray]:
-    """Non-negative integers of ``bits`` bits -> unsigned cells, LSB cell first."""
-    n = math.ceil(bits / cell)
-    return [np.floor(v / 2 ** (cell * j)) % (2 ** cell) for j in range(n)]
-
-
-def split_signed(v: np.ndarray, bits: int, cell: int) -> list[np.ndarray]:
-    """Signed integers of ``bits`` bits -> unsigned low cells and a signed top cell."""
-    n = math.ceil(bits / cell)
-    top_shift = 2 ** (cell * (n - 1))
-    low = np.mod(v, top_shift)
-    top = np.floor(v / top_shift)
-    return split_unsigned(low, cell * (n - 1), cell)[: n - 1] + [top] if n > 1 else [v]
-
-
 def plan_slices(bits_w: int, cell_bits: int, differential: bool, q: np.ndarray):
+    """(names, coefficients, cell range, slices) of the weight slices of integer weights ``q``
+    (``formulas.weight_slices``): differential halves and/or cells of ``cell_bits`` bits."""
+    weights = F.weight_slices(q, bits=bits_w, cell_bits=cell_bits, differential=differential).astype(np.float32)
+    n = weights.shape[0]
     if differential:
-        mag = bits_w - 1
-        c = cell_bits or mag
-        pos = split_unsigned(np.maximum(q, 0), mag, c)
-        neg = split_unsigned(np.maximum(-q, 0), mag, c)
-        names = [f"pos.c{j}" for j in range(len(pos))] + [f"neg.c{j}" for j in range(len(neg))]
-        coef = [2.0 ** (c * j) for j in range(len(pos))] + [-(2.0 ** (c * j)) for j in range(len(neg))]
+        c = cell_bits or (bits_w - 1)
+        half = n // 2
+        names = [f"pos.c{j}" for j in range(half)] + [f"neg.c{j}" for j in range(half)]
+        coef = [2.0 ** (c * j) for j in range(half)] + [-(2.0 ** (c * j)) for j in range(half)]
         cell_range = (0, 2 ** c - 1)
-        weights = pos + neg
     else:
         c = cell_bits or bits_w
-        weights = split_signed(q, bits_w, c)
-        names = [f"c{j}" for j in range(len(weights))]
-        coef = [2.0 ** (c * j) for j in range(len(weights))]
-        top_bits = bits_w - c * (len(weights) - 1)
-        cell_range = (-(2 ** (top_bits - 1)), 2 ** c - 1 if len(weights) > 1 else 2 ** (top_bits - 1) - 1)
-    return names, np.array(coef, np.float32), cell_range, np.stack(weights).astype(np.float32)
+        names = [f"c{j}" for j in range(n)]
+        coef = [2.0 ** (c * j) for j in range(n)]
+        top_bits = bits_w - c * (n - 1)
+        cell_range = (-(2 ** (top_bits - 1)), 2 ** c - 1 if n > 1 else 2 ** (top_bits - 1) - 1)
+    return names, np.array(coef, np.float32), cell_range, weights
 
 
 REFERENCE_BATCH = 256
@@ -232,7 +231,8 @@ def array_weights(p: LayerPlan) -> np.ndarray:
     slices = sp.weights if sp is not None else wq.q[None]
     g, T, S, cout_g = p.group, tp.tiles_per_group, slices.shape[0], p.cout_g
     kh, kw = p.kernel
-    wt = np.zeros((g, T, S, cout_g, tp.channels_per_tile, kh, kw), np.float32)
+    dtype = np.float64 if slices.dtype == np.float64 else np.float32   # float64: cell indices (chunk_cells)
+    wt = np.zeros((g, T, S, cout_g, tp.channels_per_tile, kh, kw), dtype)
     for gi in range(g):
         rows = slice(gi * cout_g, (gi + 1) * cout_g)
         for t in range(T):
@@ -286,6 +286,51 @@ def chunk_arrays(p: LayerPlan, chunk, weights: np.ndarray | None = None) -> Chun
                        weight=np.ascontiguousarray(weights[:, t0:t1, s0:s1, :, :width].reshape(-1, width, kh, kw)),
                        groups=g * (t1 - t0), columns=chunk_columns(p, chunk), coef=c,
                        recombine=not (P == 1 and (s1 - s0) == 1 and (t1 - t0) == 1 and c[0, 0] == 1))
+
+
+def plan_from_mapping(L: LayerMapping) -> LayerPlan:
+    """The plan of a compiled layer (its ``LayerMapping``) that the planning rules above read:
+    shapes, tiling (recomputed with ``plan_tiles`` and checked against the record), slice
+    coefficients and chunks; no weight values (zeros) and no graph tensors."""
+    kh, kw = L.kernel
+    p = LayerPlan(name=L.name, op_type=L.op_type, kind=L.kind, x=None, y=None,
+                  weight=np.zeros((L.cout, L.cin_per_group, kh, kw), np.float32), bias=None, group=L.group,
+                  strides=list(L.strides), pads=list(L.pads), dilations=list(L.dilations), auto_pad=L.auto_pad)
+    if L.tiling is not None:
+        tr = L.tiling
+        p.tiling = plan_tiles(p, tr.array_rows, tr.array_cols, tr.mode)
+        if p.tiling.tile_channels.tolist() != tr.tile_channels or p.tiling.rows_used != list(tr.rows_used):
+            raise PimcError(f"layer '{L.name}': its recorded tiling differs from what this pimc plans for it; "
+                            f"recompile the source model with this pimc")
+    if L.slicing is not None:
+        sr = L.slicing
+        p.slicing = SlicePlan(planes=sr.planes, plane_coef=np.asarray(sr.plane_coef, np.float32),
+                              input_slice_range=tuple(sr.input_slice_range), weight_slices=list(sr.weight_slices),
+                              slice_coef=np.asarray(sr.slice_coef, np.float32), cell_range=tuple(sr.cell_range),
+                              weights=np.zeros((len(sr.weight_slices), *p.weight.shape), np.float32),
+                              bit_serial=sr.bit_serial)
+    if L.chunks:
+        p.chunks = [(c.tiles[0], c.tiles[1], c.slices[0], c.slices[1]) for c in L.chunks]
+    return p
+
+
+def chunk_cells(p: LayerPlan) -> list[ChunkArrays]:
+    """Per chunk (``layer_chunks``), its :class:`ChunkArrays` with ``weight`` holding, in place of
+    each cell's value, the flat index of that cell in the layer's weight slices
+    (S, Cout, cin_g, kh, kw) in C order, -1 where the cell is zero (a padding slot, a kernel row
+    held by another tile): the same index rules as ``chunk_arrays``, so that training gathers its
+    array weights from its slices exactly as the emitter places them."""
+    S = p.n_slices
+    shape = (S, *p.weight.shape)
+    index = np.arange(1, int(np.prod(shape)) + 1, dtype=np.float64).reshape(shape)
+    q = dataclasses.replace(p, slicing=dataclasses.replace(p.slicing, weights=index) if p.slicing else None,
+                            weight_quant=WeightQuant(bits=0, q=index[0], scale=np.ones(p.cout, np.float32)))
+    w = array_weights(q)
+    out = []
+    for chunk in layer_chunks(q):
+        ca = chunk_arrays(q, chunk, w)
+        out.append(dataclasses.replace(ca, weight=ca.weight.astype(np.int64) - 1))
+    return out
 
 
 def full_range(p: LayerPlan) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,18 @@
+"""PIM-QAT retraining hook (needs the ``torch`` extra; core pimc never imports torch).
+
+    qm = pimc.train.prepare(module, compile_result)      # the compiled mapping drives the module
+    ... any torch training loop over qm ...
+    pimc.train.sample_chip(qm, rng, chip)                 # variability-aware training
+    pimc.train.export(qm, "out.pim.onnx")                 # back through the normal compiler
+
+In eval mode ``qm`` computes what the exported IR computes, bit for bit (tests/test_train.py).
+"""
+try:
+    import torch  # noqa: F401
+except ImportError as e:   # pragma: no cover - depends on the install
+    from pimc.core.errors import PimcError
+    raise PimcError("pimc.train needs PyTorch: pip install 'pimc[torch]'") from e
+
+from .model import QatModel, compile_module, export, export_onnx, prepare, sample_chip  # noqa: E402
+
+__all__ = ["QatModel", "compile_module", "export", "export_onnx", "prepare", "sample_chip"]

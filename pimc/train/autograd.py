@@ -1,0 +1,134 @@
+"""Gradients for the PIM math: ``torch.autograd.Function``s whose forward calls the shared
+formula (``pimc.core.formulas``) unchanged, so that the training forward is the deployed
+IR's math bit for bit, and whose backward is the straight-through estimator (STE) with
+learned-step-size (LSQ, Esser et al. 2020) gradients for the scales.
+
+* every ``round`` passes gradients straight through; values clipped by a quantizer get
+  none (their scale gets the clip bound instead, as in LSQ);
+* a scale's gradient is multiplied by ``1/sqrt(N * Qp)`` (N elements per scale, Qp the
+  largest positive level) through :func:`grad_scale`, an identity in the forward;
+* splits whose parts are recombined with known coefficients (weight slices, input bit
+  planes) are exact in the forward; in the backward each of the n parts takes the share
+  1/n of the whole, divided by its coefficient, so that the recombined value's gradient
+  is the identity.
+"""
+from __future__ import annotations
+
+import torch
+
+from pimc.core import formulas as F
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` unchanged in the forward (same values, bit for bit); its gradient times ``g``."""
+    return _GradScale.apply(x, g)
+
+
+class QuantizeInput(torch.autograd.Function):
+    """q = formulas.quantize_input(x, s): integers; d q/d x = 1/s and d q/d s = -x/s^2 inside the
+    range, 0 outside (with the ``s`` that multiplies q downstream, this is LSQ's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bits: int, signed: int):
+        q = F.quantize_input(x, scale, bits=bits, signed=signed)
+        lo, hi = F.input_range(bits, signed)
+        v = x / scale
+        ctx.save_for_backward(v, scale, ((v >= lo) & (v <= hi)))
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, scale, inside = ctx.saved_tensors
+        g = torch.where(inside, grad, torch.zeros_like(grad))
+        return g / scale, (-(g * v).sum() / scale).reshape(scale.shape), None, None
+
+
+class QuantizeWeight(torch.autograd.Function):
+    """q_w = formulas.quantize_weight(W, s_w) with one scale per output column."""
+
+    @staticmethod
+    def forward(ctx, w, scale, bits: int):
+        q = F.quantize_weight(w, scale, bits=bits)
+        qmax = 2 ** (bits - 1) - 1
+        s = scale.reshape(-1, *([1] * (w.dim() - 1)))
+        v = w / s
+        ctx.save_for_backward(v, s, (v >= -qmax) & (v <= qmax))
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, s, inside = ctx.saved_tensors
+        g = torch.where(inside, grad, torch.zeros_like(grad))
+        gs = -(g * v).sum(dim=tuple(range(1, g.dim()))) / s.reshape(-1)
+        return g / s, gs, None
+
+
+class WeightSlices(torch.autograd.Function):
+    """The weight slices (S, ...) of integer weights q: formulas.weight_slices."""
+
+    @staticmethod
+    def forward(ctx, q, coef, bits: int, cell_bits: int, differential: bool):
+        ctx.save_for_backward(coef)
+        return F.weight_slices(q, bits=bits, cell_bits=cell_bits, differential=differential)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coef,) = ctx.saved_tensors
+        share = (1.0 / (coef.numel() * coef)).reshape(-1, *([1] * (grad.dim() - 1)))
+        return (grad * share).sum(0), None, None, None, None
+
+
+class BitPlanes(torch.autograd.Function):
+    """The bit planes of integer inputs q stacked on the batch axis: formulas.bit_planes."""
+
+    @staticmethod
+    def forward(ctx, q, bits: int, signed: int):
+        ctx.bits, ctx.signed = bits, signed
+        return F.bit_planes(q, bits=bits, signed=signed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = torch.as_tensor(F.plane_weights(ctx.bits, ctx.signed), device=grad.device)
+        share = (1.0 / (ctx.bits * w)).reshape(ctx.bits, 1, *([1] * (grad.dim() - 1)))
+        g = grad.reshape(ctx.bits, -1, *grad.shape[1:]) * share
+        return g.sum(0), None, None
+
+
+class Adc(torch.autograd.Function):
+    """One conversion of every partial sum s (P*B, columns, H, W) per column: the ideal ADC
+    (``formulas.adc_quantize``) or, with a chip's ``gain``, ``offset``, ``lut`` and noise, the
+    non-ideal one (``formulas.adc_quantize_nonideal``).  STE for s inside the code range;
+    LSQ for the step Delta (per column); the zero point is fixed."""
+
+    @staticmethod
+    def forward(ctx, s, scale, zero_point, bits: int, chip):
+        if chip is None:
+            y = F.adc_quantize(s, scale, zero_point, bits=bits)
+        else:
+            gain, offset, lut, sigma, seed = chip
+            y = F.adc_quantize_nonideal(s, scale, zero_point, gain, offset, lut, bits=bits, noise_sigma=sigma,
+                                        seed=seed)
+        r = torch.round(s / scale)
+        code = r + zero_point
+        inside = (code >= 0) & (code <= 2 ** bits - 1)
+        ctx.save_for_backward(inside, r - s / scale, torch.clamp(code, 0, 2 ** bits - 1) - zero_point)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, frac, clipped = ctx.saved_tensors
+        gs = torch.where(inside, grad, torch.zeros_like(grad))
+        gd = grad * torch.where(inside, frac, clipped)
+        dims = [d for d in range(grad.dim()) if d != 1]
+        return gs, gd.sum(dim=dims, keepdim=True), None, None, None

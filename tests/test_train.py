@@ -1,0 +1,233 @@
+"""The retraining hook (pimc.train): the torch forward built from the compiled mapping equals
+the deployed IR bit for bit, its gradients are the STE/LSQ ones, export recompiles the trained
+values through the normal compiler, and bad inputs are one-line errors."""
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+torch = pytest.importorskip("torch", reason="pimc.train needs the torch extra")
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as TF  # noqa: E402
+
+import pimc.train as T  # noqa: E402
+from pimc.core.chip import ChipConfig  # noqa: E402
+from pimc.core.errors import PimcError  # noqa: E402
+from pimc.core.mapping import read_mapping  # noqa: E402
+from pimc.runtime.session import open_session  # noqa: E402
+from pimc.train.autograd import BitPlanes, WeightSlices  # noqa: E402
+
+PIM_SCHEMES = ["native", "differential", "bit-serial", "bit-serial+differential"]
+
+
+class Net(nn.Module):
+    """Conv-BN-ReLU (no bias), strided Conv-BN with bias and asymmetric-free padding, a grouped
+    1x1 Conv without BN, a pooled Linear."""
+
+    def __init__(self, cin=3, width=8, classes=5, groups=2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, 2, 1, bias=True)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 1, groups=groups)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = TF.relu(self.bn1(self.conv1(x)))
+        x = TF.relu(self.bn2(self.conv2(x)))
+        x = TF.relu(self.conv3(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def make_net(seed=0, **kw):
+    torch.manual_seed(seed)
+    net = Net(**kw)
+    with torch.no_grad():
+        for bn in (net.bn1, net.bn2):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def data(n=16, seed=1, hw=8):
+    return np.random.default_rng(seed).standard_normal((n, 3, hw, hw)).astype(np.float32)
+
+
+def compiled(net, **opts):
+    return T.compile_module(net, [3, 8, 8], calib_inputs={"input": data(32, seed=7)}, **opts)
+
+
+def ort(model, x, chip=None, native=None):
+    sess = open_session(model, chip, chip_seed=chip.chip_seed if chip is not None else None, native=native)
+    return sess.run(None, {"input": x})[0]
+
+
+def torch_eval(qm, x):
+    qm.eval()
+    with torch.no_grad():
+        return qm(torch.from_numpy(x)).numpy()
+
+
+CHIP = ChipConfig(adc="nonideal", chip_seed=3, gain_sigma=0.03, offset_sigma=0.6, noise_sigma=0.5, inl=0.5)
+
+
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scheme=st.sampled_from(PIM_SCHEMES + ["digital"]), wb=st.integers(2, 5), ib=st.integers(1, 5),
+       cell=st.integers(0, 2), mode=st.sampled_from(["channel", "row"]), rows=st.integers(9, 40),
+       adc_bits=st.integers(2, 7), chip=st.sampled_from(["ideal", "chip", "device"]), native=st.booleans())
+def test_torch_forward_equals_deployed_ir(scheme, wb, ib, cell, mode, rows, adc_bits, chip, native):
+    """Parity 1: torch eval == onnxruntime (function bodies and native kernels) on the compiled
+    IR, max |diff| 0, ideal ADC and a chip with gain, offset, INL curve, noise and device variation."""
+    mag = wb - 1 if scheme.endswith("differential") else wb
+    cell = 0 if scheme == "digital" else min(cell, mag)
+    net = make_net()
+    res = compiled(net, scheme=scheme, weight_bits=wb, input_bits=ib, cell_bits=cell, tile_mode=mode,
+                   array_rows=rows, adc_bits=adc_bits)
+    qm = T.prepare(net, res)
+    cfg = None
+    if chip != "ideal" and scheme != "digital":
+        cfg = CHIP if chip == "chip" else dataclasses.replace(CHIP, device_sigma_cell=0.05, device_sigma_chip=0.02,
+                                                              noise_sigma=0.0)
+    qm.set_chip(cfg)
+    x = data()
+    got = torch_eval(qm, x)
+    want = ort(res.model, x, cfg, native=None if native else False)
+    if cfg is not None and cfg.device_sigma_cell > 0:
+        # non-integer cells: the partial sums are float sums whose order the conv engines choose
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    else:
+        assert np.array_equal(got, want), float(np.abs(got - want).max())
+
+
+def test_train_then_export_recompiles_to_the_same_outputs(tmp_path):
+    """Training moves weights, scales, ADC steps, BN and the rescaling factor; the export
+    recompiles them through the normal pipeline and the IR computes the trained model bit for bit;
+    its mapping equals the training mapping except for the learned values."""
+    net = make_net()
+    res = compiled(net, scheme="bit-serial+differential", weight_bits=4, input_bits=4, cell_bits=2, array_rows=40,
+                   adc_bits=2, adc_range="calibrated")
+    qm = T.prepare(net, res, rescale=True).train()
+    before = {k: v.detach().clone() for k, v in qm.named_parameters()}
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    x, y = torch.from_numpy(data(32, seed=3)), torch.arange(32) % 5
+    for _ in range(3):
+        loss = TF.cross_entropy(qm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = [k for k, v in qm.named_parameters() if not torch.equal(v, before[k])]
+    assert any(k.endswith("adc_step") for k in moved) and any(k.endswith("input_scale") for k in moved)
+    assert any(k.endswith("weight_scale") for k in moved) and any(k.endswith("inner.weight") for k in moved)
+    assert all(float(L.rho) != 1.0 for L in qm.layers.values())
+    xt = data(24, seed=9)
+    got = torch_eval(qm, xt)
+    out = T.export(qm, tmp_path / "trained.pim.onnx", float_path=tmp_path / "trained.onnx")
+    assert (tmp_path / "trained.pim.onnx").is_file() and (tmp_path / "trained.onnx").is_file()
+    assert np.array_equal(got, ort(out.model, xt))
+    a, b = read_mapping(res.model), read_mapping(out.model)
+    learned = {"input_quant", "weight_quant", "adc", "bn_stats", "output_rescale"}
+    for La, Lb in zip(a.layers, b.layers):
+        ra, rb = La.to_record(), Lb.to_record()
+        assert {k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k)} <= learned
+        assert Lb.adc.range == "frozen" and Lb.input_quant.source == "frozen"
+        assert ra["tiling"] == rb["tiling"] and ra["chunks"] == rb["chunks"]
+
+
+def test_chip_sampled_in_training_is_the_instantiated_chip():
+    net = make_net()
+    res = compiled(net, scheme="differential", weight_bits=4, input_bits=4, array_rows=18, adc_bits=5)
+    qm = T.prepare(net, res)
+    chip = T.sample_chip(qm, 11, CHIP)
+    assert chip.chip_seed == T.sample_chip(qm, 11, CHIP).chip_seed
+    x = data()
+    assert np.array_equal(torch_eval(qm, x), ort(res.model, x, chip))
+
+
+def test_adjusted_precision_keeps_the_range_and_deploys_fewer_bits(tmp_path):
+    net = make_net()
+    res = compiled(net, scheme="differential", weight_bits=4, input_bits=4, array_rows=18, adc_bits=3,
+                   adc_range="calibrated")
+    qm = T.prepare(net, res, train_adc_bits=5)
+    L = qm.layer(read_mapping(res.model).layers[1].name)
+    assert L.adc_bits == 5 and L.deploy_adc_bits == 3
+    step, zp = L.deployed_adc()
+    M = read_mapping(res.model).layers[1].adc
+    # untrained: the deployed steps are the compiled ones up to the float32 rounding of the round trip,
+    # except on columns whose range is under 31 LSB: their 5-bit step stays 1 (Delta >= 1), a wider range
+    fine = L.adc_step.detach().numpy() > 1
+    assert fine.sum() > 64
+    np.testing.assert_allclose(step[fine], np.asarray(M.step, np.float32)[fine], rtol=1e-6)
+    assert np.array_equal(zp[fine], np.asarray(M.zero_point, np.float32)[fine])
+    out = T.export(qm, tmp_path / "t.pim.onnx")
+    assert read_mapping(out.model).layers[1].adc.bits == 3
+
+
+def test_ste_shares_sum_to_identity():
+    q = torch.tensor([-7.0, -1.0, 0.0, 3.0, 7.0], requires_grad=True)
+    coef = torch.tensor([1.0, 2.0, 4.0, -1.0, -2.0, -4.0])
+    s = WeightSlices.apply(q, coef, 4, 1, True)
+    assert torch.equal((s * coef[:, None]).sum(0), q.detach())
+    (s * coef[:, None]).sum().backward()
+    assert torch.allclose(q.grad, torch.ones(5))
+    x = torch.tensor([[-3.0, 5.0, -8.0, 7.0]], requires_grad=True)
+    p = BitPlanes.apply(x, 4, 1)
+    w = torch.tensor([1.0, 2.0, 4.0, -8.0])
+    (p.reshape(4, 1, 4) * w.reshape(4, 1, 1)).sum().backward()
+    assert torch.allclose(x.grad, torch.ones_like(x))
+
+
+def test_lsq_input_gradient():
+    from pimc.train.autograd import QuantizeInput
+    x = torch.tensor([0.3, 1.26, 9.0, -1.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    y = QuantizeInput.apply(x, s, 3, 0) * s           # unsigned 3 bits: levels 0..7
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    want = (round(0.6) - 0.6) + (round(2.52) - 2.52) + 7 + 0
+    assert abs(float(s.grad) - want) < 1e-5
+
+
+def _err(fn, *parts):
+    with pytest.raises(PimcError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and all(p in msg for p in parts), msg
+
+
+def test_bad_inputs_are_one_line_errors():
+    net = make_net()
+    res = compiled(net, scheme="differential", weight_bits=4, input_bits=4, array_rows=18, adc_bits=5)
+    other = make_net(seed=5)
+    _err(lambda: T.prepare(other, res), "conv1", "cells differ")
+    wider = make_net(width=12)
+    _err(lambda: T.prepare(wider, res), "cout")
+
+    class Renamed(Net):
+        pass
+    r = Renamed()
+    r.first = r.conv1
+    del r.conv1
+    _err(lambda: T.prepare(r, res), "conv1.weight", "no parameter")
+    from pimc.pipeline import compile_model
+    with_w = compile_model(_export(make_net()), scheme="differential", fold_bn="weights",
+                           calib_inputs={"input": data(8)})
+    _err(lambda: T.prepare(make_net(), with_w), "--fold-bn output")
+    flt = compile_model(_export(make_net()), scheme="float", fold_bn="output")
+    _err(lambda: T.prepare(make_net(), flt), "--scheme float")
+
+    class Reflect(Net):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False, padding_mode="reflect")
+    _err(lambda: T.prepare(Reflect(), res), "padding_mode")
+
+
+def _export(net):
+    import tempfile
+    d = tempfile.mkdtemp()
+    T.export_onnx(net, f"{d}/m.onnx", [3, 8, 8])
+    return f"{d}/m.onnx"
