@@ -294,9 +294,9 @@ eval_options = _option_block("_EVAL_OPTIONS")
 
 
 def _prep(model, scale, mean, std, layout) -> dict:
-    """Preprocessing: the options given, else the model's metadata, else the defaults."""
+    """Preprocessing: the options given, else the model's metadata (``model`` None: none), else the defaults."""
     from .datasets import PREPROCESS_DEFAULTS, model_preprocess
-    prep = dict(model_preprocess(model) or PREPROCESS_DEFAULTS)
+    prep = dict((model_preprocess(model) if model is not None else None) or PREPROCESS_DEFAULTS)
     for option, key, text in (("--mean", "mean", mean), ("--std", "std", std)):
         if text is not None:
             try:
@@ -440,6 +440,101 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
                f"chip seed {chip.chip_seed}; largest mean shift {worst['mean_shift_over_std']:.3f} std "
                f"({worst['layer']})")
     click.echo(f"wrote {output}")
+
+
+@cli.command("train")
+@click.option("--module", required=True, metavar="FILE.py:FACTORY", help="The torch model: a Python file and a "
+              "function in it returning the nn.Module (its Conv2d/Linear layers are matched to the mapping by weight name).")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Its trained weights: a state_dict file (loaded with weights_only=True).")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training images (training and "
+              "calibration): a CIFAR directory or .npz with splits (its train split) or an .npz with x, y.")
+@click.option("--test-data", type=click.Path(path_type=Path), help="Evaluation images.  [default: the test split of --data]")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The trained PIM IR (.onnx), compiled from the trained float model with the trained values.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the training images (fractions allowed).")
+@click.option("--subset", type=int, help="Train on a seeded random subset of this many training images.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=0.005, show_default=True, help="SGD learning rate of weights, BN and biases (cosine decay).")
+@click.option("--scale-lr", type=float, default=0.001, show_default=True, help="Learning rate of the learned scales "
+              "(input, weight columns, ADC steps; LSQ).")
+@click.option("--rescale/--no-rescale", default=True, show_default=True, help="PIM-QAT's rescaling of the converted "
+              "partial sums (rho = std(s)/std(ADC(s)); its running mean is folded into the output scale at export).")
+@click.option("--train-adc-bits", type=int, help="Adjusted precision: train with ADCs of this many bits over the same "
+              "ranges, deploy at --adc-bits.")
+@click.option("--variability", help="Variability-aware training: a chip preset (see `pimc presets`) or a hardware "
+              "TOML with a [nonideal] table; a new chip every --resample-every steps.")
+@click.option("--resample-every", type=int, default=20, show_default=True, help="Steps between chips (with --variability).")
+@click.option("--chips", type=int, default=0, show_default=True, help="After training: evaluate this many chips of "
+              "--variability (BN-calibrated per chip), direct and trained.")
+@click.option("--calib-images", type=int, default=512, show_default=True, help="Training images for calibration.")
+@click.option("--eval-images", type=int, help="Evaluate on the first N test images.  [default: all]")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path), help="Training checkpoint "
+              "(model, optimizer, RNG states), written every 200 steps.  [default: OUTPUT.state.pt]")
+@click.option("--resume", is_flag=True, help="Continue from --state (the same options are required).")
+@click.option("--train-seed", type=int, default=0, show_default=True, help="Seed of the subset, data order, augmentation and chips.")
+@click.option("--threads", type=int, default=0, show_default=True, help="torch threads (0: torch's default).")
+@click.option("--no-augment", is_flag=True, help="No random flips and padded crops.")
+@click.option("--scale", type=float, help="Preprocessing: x * scale ...  [default: 1/255]")
+@click.option("--mean", help="... minus this per-channel mean (comma list) ...  [default: 0]")
+@click.option("--std", help="... over this per-channel std (comma list).  [default: 1]")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="[default: NCHW]")
+@compile_options
+def train_cmd(module, checkpoint, data, test_data, output, json_path, epochs, subset, batch_size, lr, scale_lr, rescale,
+              train_adc_bits, variability, resample_every, chips, calib_images, eval_images, state_path, resume,
+              train_seed, threads, no_augment, scale, mean, std, layout, hw, preset, **opts):
+    """PIM-QAT: retrain the torch module on the compiled mapping (same math as the IR, bit for bit) and export the
+    trained PIM IR."""
+    from .core.config import build_config
+    from .core.chip import CHIP_PRESETS, build_chip_config
+    try:
+        import torch
+    except ImportError:
+        raise PimcError("pimc train needs PyTorch: pip install 'pimc[torch]'")
+    from .train.command import run_train
+    from .train.loop import TrainConfig
+
+    state_path = state_path or output.with_name(output.name + ".state.pt")
+    _check_outputs(**{"-o": (output, "file"), "--json": (json_path, "file"), "--state": (state_path, "file")})
+    for name, v, lo in (("--epochs", epochs, 0), ("--batch-size", batch_size, 1), ("--lr", lr, 0), ("--scale-lr", scale_lr, 0),
+                        ("--calib-images", calib_images, 1), ("--resample-every", resample_every, 1), ("--chips", chips, 0)):
+        if v < lo or (lo == 0 and name in ("--epochs", "--lr") and v == 0):
+            raise PimcError(f"{name}: {v} is out of range; give a {'positive' if lo == 0 else f'value >= {lo}'} number")
+    if subset is not None and subset < batch_size:
+        raise PimcError(f"--subset: {subset} is fewer than one batch (--batch-size {batch_size})")
+    if opts.get("fold_bn") == "weights":
+        raise PimcError("--fold-bn weights: training keeps BatchNorm after the arrays; use --fold-bn output (the default here)")
+    cfg = build_config(preset=preset, hw=hw, **{**opts, "fold_bn": "output"})
+    if not cfg.quantized:
+        raise PimcError(f"--scheme {cfg.scheme}: nothing is quantized to train; pick a PIM scheme or digital")
+    if train_adc_bits is not None and not cfg.pim:
+        raise PimcError("--train-adc-bits needs a PIM scheme (an ADC)")
+    chip = None
+    if variability is not None:
+        chip = (build_chip_config(preset=variability) if variability in CHIP_PRESETS
+                else build_chip_config(hw=variability) if Path(variability).suffix == ".toml"
+                else None)
+        if chip is None:
+            raise PimcError(f"--variability: '{variability}' is neither a chip preset ({', '.join(CHIP_PRESETS)}) "
+                            f"nor a .toml hardware file")
+    if threads:
+        torch.set_num_threads(threads)
+    prep = _prep(None, scale, mean, std, layout)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, scale_lr=scale_lr, augment=not no_augment,
+                       seed=train_seed, resample_every=resample_every if chip is not None else 0)
+    log = lambda m: click.echo(m, err=True)
+    rep = run_train(module=module, checkpoint=checkpoint, data=data, test_data=test_data, output=output, json_path=json_path, config=cfg,
+                    prep=prep, tcfg=tcfg, subset=subset, calib_images=calib_images, eval_images=eval_images,
+                    rescale=rescale, train_adc_bits=train_adc_bits, chip=chip, chips=chips, state_path=state_path,
+                    resume=resume, log=log)
+    t = rep["top1"]
+    click.echo(f"top-1 on {rep['test_images']} test images: direct deployment {100 * t['direct']:.2f} %, after PIM-QAT "
+               f"{100 * t['trained']:.2f} % ({rep['steps']} steps, {rep['seconds']:.0f} s)")
+    if "chips_bn_calibrated" in rep:
+        c = rep["chips_bn_calibrated"]
+        click.echo(f"{chips} chips, BN-calibrated: direct {100 * c['direct']['mean']:.2f} % (min {100 * c['direct']['min']:.2f}), "
+                   f"trained {100 * c['trained']['mean']:.2f} % (min {100 * c['trained']['min']:.2f})")
 
 
 @cli.command("compare")

@@ -225,9 +225,129 @@ def test_bad_inputs_are_one_line_errors():
             self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False, padding_mode="reflect")
     _err(lambda: T.prepare(Reflect(), res), "padding_mode")
 
+    class Functional(nn.Module):   # a layer computed by F.conv2d: its weight is no Conv2d's
+        def __init__(self, w):
+            super().__init__()
+            self.weight = nn.Parameter(w)
+
+        def forward(self, x):
+            return TF.conv2d(x, self.weight, padding=1)
+    f = make_net()
+    f.conv1 = Functional(f.conv1.weight.detach().clone())
+    _err(lambda: T.prepare(f, res), "nn.Conv2d or nn.Linear")
+
 
 def _export(net):
     import tempfile
     d = tempfile.mkdtemp()
     T.export_onnx(net, f"{d}/m.onnx", [3, 8, 8])
     return f"{d}/m.onnx"
+
+
+# ---------------------------------------------------------------- pimc train (CLI)
+NET_FILE = '''
+import torch.nn as nn
+import torch.nn.functional as TF
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(TF.relu(self.bn1(self.conv1(x))).mean(dim=(2, 3)))
+
+
+def net():
+    return Net()
+
+
+def conv_fn():
+    class F(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(8, 3, 3, 3))
+    import torch
+    return F()
+'''
+
+
+@pytest.fixture
+def train_setup(tmp_path):
+    import importlib.util
+    (tmp_path / "net.py").write_text(NET_FILE)
+    spec = importlib.util.spec_from_file_location("net_for_test", tmp_path / "net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    torch.save(mod.net().state_dict(), tmp_path / "w.pt")
+    rng = np.random.default_rng(0)
+    xtr = rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
+    xte = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=xtr, y_train=rng.integers(0, 5, 300), x_test=xte,
+             y_test=rng.integers(0, 5, 40))
+    return tmp_path
+
+
+def _train_args(t, *extra):
+    return ["train", "--module", f"{t}/net.py:net", "--checkpoint", str(t / "w.pt"), "--data", str(t / "d.npz"),
+            "--scheme", "differential", "--weight-bits", "4", "--input-bits", "4", "--adc-bits", "3",
+            "--array-rows", "18", "--batch-size", "32", "--calib-images", "64", "-o", str(t / "o.pim.onnx"), *extra]
+
+
+def test_cli_train_writes_ir_report_and_resumes(train_setup, capsys):
+    from pimc.cli import main
+    t = train_setup
+    rc = main(_train_args(t, "--epochs", "0.5", "--json", str(t / "r.json")))
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "after PIM-QAT" in cap.out and (t / "o.pim.onnx").is_file() and (t / "o.pim.onnx.state.pt").is_file()
+    import json
+    rep = json.loads((t / "r.json").read_text())
+    assert rep["steps"] == 4 and set(rep["top1"]) == {"direct", "trained"}
+    first = (t / "o.pim.onnx").read_bytes()
+    # resuming a finished run trains no further step and writes the same model
+    assert main(_train_args(t, "--epochs", "0.5", "--resume")) == 0
+    assert "resumed" in capsys.readouterr().err and (t / "o.pim.onnx").read_bytes() == first
+    rc = main(_train_args(t, "--epochs", "1", "--resume"))
+    assert rc == 2 and "another configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--module", "nofile.py:net"), "--module: file"),
+    (("--module", "{t}/net.py:nothing"), "has no function 'nothing'"),
+    (("--module", "{t}/net.py:conv_fn"), "does not fit the module"),
+    (("--checkpoint", "{t}/d.npz"), "--checkpoint"),
+    (("--fold-bn", "weights"), "--fold-bn output"),
+    (("--scheme", "float"), "nothing is quantized"),
+    (("--epochs", "0"), "--epochs"),
+    (("--variability", "nochip"), "--variability"),
+])
+def test_cli_train_bad_inputs(train_setup, capsys, change, message):
+    from pimc.cli import main
+    t = train_setup
+    args = _train_args(t, "--epochs", "0.2")
+    opt, val = change
+    val = val.format(t=t)
+    if opt in args:
+        args[args.index(opt) + 1] = val
+    else:
+        args += [opt, val]
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (t / "o.pim.onnx").exists()
+
+
+def test_cli_train_refuses_test_images_in_training(train_setup, capsys):
+    from pimc.cli import main
+    t = train_setup
+    z = np.load(t / "d.npz")
+    xtr = z["x_train"].copy()
+    xtr[5] = z["x_test"][3]
+    np.savez(t / "d.npz", x_train=xtr, y_train=z["y_train"], x_test=z["x_test"], y_test=z["y_test"])
+    assert main(_train_args(t, "--epochs", "0.2")) == 2
+    assert "1 of the test images also appear" in capsys.readouterr().err

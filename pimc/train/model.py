@@ -271,7 +271,8 @@ def export(qm: QatModel, path: str | Path, *, float_path: str | Path | None = No
         with qm.original_modules() as m:
             export_onnx(m, fpath, qm.input_shape, qm.preprocess)
         x = np.zeros((1, *qm.input_shape), np.float32)
-        res = compile_model(str(fpath), cfg, plan=plan, calib_inputs={"input": x}, log=log, source=str(fpath))
+        res = compile_model(str(fpath), cfg, plan=plan, calib_inputs={"input": x}, log=log,
+                            source=str(float_path) if float_path else "<pimc.train export>")
     res.save(path)
     return res
 

@@ -1,0 +1,191 @@
+"""PIM-QAT on the shared ResNet-20: direct deployment vs retraining on the compiled mapping.
+
+Usage::
+
+    python examples/resnet20_pimqat.py [--rows ROW,ROW,...] [--train-images N] [--epochs E]
+
+Writes docs/results/resnet20-pimqat.json (one entry per row, each saved as it lands, so the
+run resumes where it stopped: rows already there are skipped unless --redo) and
+docs/results/resnet20-pimqat.md (the table of every row present).  Training uses only
+../shared/data/cifar10/train.npz (a seeded subset), calibration its first 512 images, the
+evaluation the first 2,000 test images.  Each trained model is exported through the normal
+compiler (pimc.train.export) and evaluated as the deployed IR in onnxruntime.
+
+Evidence point: W4A4, 144-row channel-aligned arrays, 4-bit ADC, calibrated ADC range.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from resnet20_cifar import load_resnet20, preprocess  # noqa: E402
+
+import pimc  # noqa: E402
+import pimc.train as T  # noqa: E402
+from pimc.train.loop import TrainConfig, fit  # noqa: E402
+from pimc.core.chip import build_chip_config  # noqa: E402
+from pimc.runtime.session import open_session, run_batches  # noqa: E402
+
+SHARED = HERE.parent.parent / "shared" / "data"
+OUT = HERE.parent / "docs" / "results"
+POINT = dict(weight_bits=4, input_bits=4, array_rows=144, tile_mode="channel", adc_range="calibrated")
+SCHEMES = ("native", "differential", "bit-serial")
+
+# name -> (scheme, ADC bits, training: None | dict(rescale, train_adc_bits, variability), chips)
+ROWS = {
+    "float": ("float", None, None, 0),
+    "digital-ptq": ("digital", None, None, 0),
+    "digital-qat": ("digital", None, dict(rescale=False), 0),
+    **{f"{s}-direct": (s, 4, None, 0) for s in SCHEMES},
+    **{f"{s}-pimqat": (s, 4, dict(rescale=True), 0) for s in SCHEMES},
+    "bit-serial-pimqat-norescale": ("bit-serial", 4, dict(rescale=False), 0),
+    "bit-serial-pimqat-adjusted5": ("bit-serial", 4, dict(rescale=True, train_adc_bits=5), 0),
+    **{f"{s}-adc3-direct": (s, 3, None, 0) for s in SCHEMES},
+    **{f"{s}-adc3-pimqat": (s, 3, dict(rescale=True), 0) for s in SCHEMES},
+    "chip7-direct": ("differential", 7, None, 10),
+    "chip7-pimqat": ("differential", 7, dict(rescale=True), 10),
+    "chip7-variability": ("differential", 7, dict(rescale=True, variability=True), 10),
+}
+
+
+def data(n_train: int, seed: int):
+    tr = np.load(SHARED / "cifar10" / "train.npz")
+    te = np.load(SHARED / "cifar10" / "test.npz")
+    calib = preprocess(tr["x"][:512])
+    idx = np.random.default_rng(seed).permutation(len(tr["x"]))[:n_train]
+    return calib, preprocess(tr["x"][idx]), tr["y"][idx].astype(np.int64), preprocess(te["x"][:2000]), \
+        te["y"][:2000].astype(np.int64)
+
+
+def top1(model, x, y, chip=None) -> float:
+    sess = open_session(model, chip, chip_seed=None if chip is None else chip.chip_seed)
+    out = np.concatenate([o[0] for _, _, o in run_batches(sess, None, {"input": x}, 500)])
+    return float((out.argmax(1) == y).mean())
+
+
+def chips_eval(model, x, y, xcal, chip, n: int, bncal: bool) -> dict:
+    from pimc.bncal import calibrate_bn
+    accs = []
+    for k in range(n):
+        c = dataclasses.replace(chip, chip_seed=k)
+        m = calibrate_bn(model, c, xcal[:256])[0] if bncal else model
+        accs.append(top1(m, x, y, c))
+    a = np.array(accs)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
+            "per_chip": accs}
+
+
+def run_row(name: str, d, args) -> dict:
+    scheme, adc_bits, training, chips = ROWS[name]
+    calib, xtr, ytr, xte, yte = d
+    net = load_resnet20(str(SHARED / "models" / "resnet20_cifar10.th"))
+    opts = dict(POINT, scheme=scheme, fold_bn="output")
+    if adc_bits is not None:
+        opts["adc_bits"] = adc_bits
+    if scheme in ("float", "digital"):
+        opts = {k: v for k, v in opts.items() if k in ("weight_bits", "input_bits", "scheme", "fold_bn")}
+        if scheme == "float":
+            opts = dict(scheme="float", fold_bn="output")
+    t0 = time.time()
+    res = T.compile_module(net, [3, 32, 32], calib_inputs={"input": calib}, **opts)
+    row = {"row": name, "scheme": scheme, "adc_bits": adc_bits, "compile": opts}
+    chip = build_chip_config("pimqat-chip7") if chips else None
+    if training is None:
+        row["ideal_top1"] = top1(res.model, xte, yte)
+        model = res.model
+    else:
+        variability = training.get("variability", False)
+        qm = T.prepare(net, res, rescale=training.get("rescale", False),
+                       train_adc_bits=training.get("train_adc_bits"))
+        tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, scale_lr=args.scale_lr,
+                           resample_every=args.resample_every if variability else 0)
+        state = Path(tempfile.gettempdir()) / f"pimqat-{name}.state.pt"
+        run_cfg = {"row": name, "train_images": len(xtr), "opts": opts, "training": training}
+        hist = fit(qm, xtr, ytr, tcfg, state_path=state, resume=True, chip=chip if variability else None,
+                   run_config=run_cfg, log=lambda m: print(m, file=sys.stderr))
+        qm.set_chip(None)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = T.export(qm, Path(tmp) / "trained.pim.onnx")
+        model = out.model
+        row["training"] = {**training, **tcfg.to_dict(), "train_images": len(xtr), "steps": hist["steps"],
+                           "final_loss": float(np.mean([v for _, v in hist["loss"][-20:]]))}
+        row["ideal_top1"] = top1(model, xte, yte)
+    if chips:
+        row["chips"] = chips_eval(model, xte, yte, calib, chip, chips, bncal=False)
+        row["chips_bncal"] = chips_eval(model, xte, yte, calib, chip, chips, bncal=True)
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def write_md(results: dict, path: Path) -> None:
+    def pct(v):
+        return "" if v is None else f"{100 * v:.2f}"
+
+    def chipcell(c):
+        return "" if not c else f"{pct(c['mean'])} ± {pct(c['std'])} ({pct(c['min'])}-{pct(c['max'])})"
+    lines = ["# ResNet-20 (CIFAR-10): direct deployment vs PIM-QAT on the compiled mapping", "",
+             "Generated by `python examples/resnet20_pimqat.py`; first 2,000 test images; training and calibration",
+             "only from the training set.  W4A4, 144-row channel-aligned arrays, calibrated ADC range.  Trained",
+             "models are exported with `pimc.train.export` and evaluated as the deployed IR in onnxruntime.", "",
+             "| row | scheme | ADC bits | training | top-1 ideal ADC (%) | 10 pimqat-chip7 chips (%) | + BN calibration (%) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ROWS:
+        r = results.get(name)
+        if r is None:
+            lines.append(f"| {name} | {ROWS[name][0]} | {ROWS[name][1] or ''} | not run yet | | | |")
+            continue
+        t = r.get("training")
+        tdesc = "none" if not t else (f"{t['train_images']} images x {t['epochs']} epochs, {t['steps']} steps"
+                                      + (", rescale" if t.get("rescale") else "")
+                                      + (f", train ADC {t['train_adc_bits']} bits" if t.get("train_adc_bits") else "")
+                                      + (", variability-aware" if t.get("variability") else ""))
+        lines.append(f"| {name} | {r['scheme']} | {r['adc_bits'] or ''} | {tdesc} | {pct(r['ideal_top1'])} | "
+                     f"{chipcell(r.get('chips'))} | {chipcell(r.get('chips_bncal'))} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma list of rows (default: all)")
+    ap.add_argument("--train-images", type=int, default=20000)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--scale-lr", type=float, default=0.001)
+    ap.add_argument("--resample-every", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--redo", action="store_true", help="run rows already in the JSON again")
+    ap.add_argument("--json", type=Path, default=OUT / "resnet20-pimqat.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    results = json.loads(a.json.read_text())["rows"] if a.json.is_file() else {}
+    d = data(a.train_images, seed=0)
+    for name in a.rows.split(","):
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+        if name in results and not a.redo:
+            continue
+        print(f"row {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_row(name, d, a)
+        print(json.dumps({k: v for k, v in results[name].items() if k != "chips"}), flush=True)
+        rec = {"rows": results, "versions": {"pimc": pimc.__version__, "torch": torch.__version__,
+                                             "python": platform.python_version()},
+               "command": " ".join(sys.argv)}
+        tmp = a.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1) + "\n")
+        tmp.replace(a.json)
+        write_md(results, a.json.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
