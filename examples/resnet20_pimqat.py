@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import platform
 import sys
@@ -110,8 +111,9 @@ def run_row(name: str, d, args) -> dict:
                        train_adc_bits=training.get("train_adc_bits"))
         tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, scale_lr=args.scale_lr,
                            resample_every=args.resample_every if variability else 0)
-        state = Path(tempfile.gettempdir()) / f"pimqat-{name}.state.pt"
         run_cfg = {"row": name, "train_images": len(xtr), "opts": opts, "training": training}
+        key = hashlib.sha256(json.dumps([run_cfg, tcfg.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
+        state = Path(tempfile.gettempdir()) / f"pimqat-{name}-{key}.state.pt"   # resumes only the same run
         hist = fit(qm, xtr, ytr, tcfg, state_path=state, resume=True, chip=chip if variability else None,
                    run_config=run_cfg, log=lambda m: print(m, file=sys.stderr))
         qm.set_chip(None)
