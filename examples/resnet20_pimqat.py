@@ -16,7 +16,6 @@ Evidence point: W4A4, 144-row channel-aligned arrays, 4-bit ADC, calibrated ADC 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import platform
@@ -34,9 +33,9 @@ from resnet20_cifar import load_resnet20, preprocess  # noqa: E402
 
 import pimc  # noqa: E402
 import pimc.train as T  # noqa: E402
+from pimc.train.command import chips_top1, top1  # noqa: E402
 from pimc.train.loop import TrainConfig, fit  # noqa: E402
 from pimc.core.chip import build_chip_config  # noqa: E402
-from pimc.runtime.session import open_session, run_batches  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 OUT = HERE.parent / "docs" / "results"
@@ -67,24 +66,6 @@ def data(n_train: int, seed: int):
     idx = np.random.default_rng(seed).permutation(len(tr["x"]))[:n_train]
     return calib, preprocess(tr["x"][idx]), tr["y"][idx].astype(np.int64), preprocess(te["x"][:2000]), \
         te["y"][:2000].astype(np.int64)
-
-
-def top1(model, x, y, chip=None) -> float:
-    sess = open_session(model, chip, chip_seed=None if chip is None else chip.chip_seed)
-    out = np.concatenate([o[0] for _, _, o in run_batches(sess, None, {"input": x}, 500)])
-    return float((out.argmax(1) == y).mean())
-
-
-def chips_eval(model, x, y, xcal, chip, n: int, bncal: bool) -> dict:
-    from pimc.bncal import calibrate_bn
-    accs = []
-    for k in range(n):
-        c = dataclasses.replace(chip, chip_seed=k)
-        m = calibrate_bn(model, c, xcal[:256])[0] if bncal else model
-        accs.append(top1(m, x, y, c))
-    a = np.array(accs)
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
-            "per_chip": accs}
 
 
 def run_row(name: str, d, args) -> dict:
@@ -124,8 +105,8 @@ def run_row(name: str, d, args) -> dict:
                            "final_loss": float(np.mean([v for _, v in hist["loss"][-20:]]))}
         row["ideal_top1"] = top1(model, xte, yte)
     if chips:
-        row["chips"] = chips_eval(model, xte, yte, calib, chip, chips, bncal=False)
-        row["chips_bncal"] = chips_eval(model, xte, yte, calib, chip, chips, bncal=True)
+        row["chips"] = chips_top1(model, xte, yte, chip, chips, calib[:256], bncal=False)
+        row["chips_bncal"] = chips_top1(model, xte, yte, chip, chips, calib[:256])
     row["seconds"] = round(time.time() - t0, 1)
     return row
 

@@ -497,10 +497,13 @@ def train_cmd(module, checkpoint, data, test_data, output, json_path, epochs, su
 
     state_path = state_path or output.with_name(output.name + ".state.pt")
     _check_outputs(**{"-o": (output, "file"), "--json": (json_path, "file"), "--state": (state_path, "file")})
-    for name, v, lo in (("--epochs", epochs, 0), ("--batch-size", batch_size, 1), ("--lr", lr, 0), ("--scale-lr", scale_lr, 0),
-                        ("--calib-images", calib_images, 1), ("--resample-every", resample_every, 1), ("--chips", chips, 0)):
-        if v < lo or (lo == 0 and name in ("--epochs", "--lr") and v == 0):
-            raise PimcError(f"{name}: {v} is out of range; give a {'positive' if lo == 0 else f'value >= {lo}'} number")
+    for name, v in (("--epochs", epochs), ("--lr", lr)):
+        if v <= 0:
+            raise PimcError(f"{name}: {v} is out of range; give a positive number")
+    for name, v, lo in (("--batch-size", batch_size, 1), ("--scale-lr", scale_lr, 0), ("--calib-images", calib_images, 1),
+                        ("--resample-every", resample_every, 1), ("--chips", chips, 0)):
+        if v < lo:
+            raise PimcError(f"{name}: {v} is out of range; give a value >= {lo}")
     if subset is not None and subset < batch_size:
         raise PimcError(f"--subset: {subset} is fewer than one batch (--batch-size {batch_size})")
     if opts.get("fold_bn") == "weights":

@@ -82,11 +82,26 @@ def top1(model, x, y, chip=None, batch: int = 500) -> float:
     return float((out.argmax(1) == y).mean())
 
 
+def chips_top1(model, x, y, chip, n: int, xcal: np.ndarray, bncal: bool = True) -> dict:
+    """Top-1 over ``n`` chips of ``chip``'s kind (seeds chip_seed, chip_seed+1, ...), each BN-calibrated
+    on ``xcal`` first (``bncal`` and the model has BN output affines): mean, std, min, max, per chip."""
+    import dataclasses
+
+    from pimc.bncal import bn_layers, calibrate_bn
+    from pimc.core.mapping import read_mapping
+    bncal = bncal and bool(bn_layers(read_mapping(model)))
+    accs = []
+    for k in range(n):
+        c = dataclasses.replace(chip, chip_seed=chip.chip_seed + k)
+        accs.append(top1(calibrate_bn(model, c, xcal)[0] if bncal else model, x, y, c))
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "min": float(np.min(accs)),
+            "max": float(np.max(accs)), "per_chip": accs}
+
+
 def run_train(*, module: str, checkpoint: Path, data: Path, test_data: Path | None, output: Path, json_path: Path | None, config,
               prep: dict, tcfg, subset: int | None, calib_images: int, eval_images: int | None, rescale: bool,
               train_adc_bits: int | None, chip, chips: int, state_path: Path, resume: bool, log) -> dict:
     from pimc.datasets import has_splits, load_images, preprocess
-    from pimc.bncal import calibrate_bn
     from . import compile_module, export, prepare
     from .loop import fit
 
@@ -127,16 +142,9 @@ def run_train(*, module: str, checkpoint: Path, data: Path, test_data: Path | No
               "steps": hist["steps"], "final_loss": float(np.mean([v for _, v in hist["loss"][-20:]])),
               "test_images": int(len(xte)), "top1": {"direct": direct, "trained": trained}}
     if chips and chip is not None:
-        import dataclasses
-        per = {}
-        for name, model in (("direct", res.model), ("trained", out.model)):
-            accs = []
-            for k in range(chips):
-                c = dataclasses.replace(chip, chip_seed=chip.chip_seed + k)
-                accs.append(top1(calibrate_bn(model, c, xcal[:256])[0] if _has_bn(model) else model, xte, yte, c))
-            per[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "min": float(np.min(accs)),
-                         "max": float(np.max(accs)), "per_chip": accs}
-        report["chips_bn_calibrated"] = {"chip": json.loads(chip.to_json()), **per}
+        report["chips_bn_calibrated"] = {"chip": json.loads(chip.to_json()),
+                                         **{name: chips_top1(model, xte, yte, chip, chips, xcal[:256])
+                                            for name, model in (("direct", res.model), ("trained", out.model))}}
     report["seconds"] = round(time.time() - t0, 1)
     if json_path:
         from pimc.evaluate import write_report
@@ -144,8 +152,3 @@ def run_train(*, module: str, checkpoint: Path, data: Path, test_data: Path | No
         log(f"wrote {json_path}")
     return report
 
-
-def _has_bn(model) -> bool:
-    from pimc.bncal import bn_layers
-    from pimc.core.mapping import read_mapping
-    return bool(bn_layers(read_mapping(model)))

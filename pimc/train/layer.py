@@ -200,17 +200,21 @@ class PimLayer(nn.Module):
             h = TF.pad(h, self.pad4)
         return TF.conv2d(h, w, None, padding=self.padding, groups=groups, **self.conv)
 
-    def _integer_core(self, q, qw):
-        h = BitPlanes.apply(q, self.in_bits, self.in_signed) if self.bit_serial else q
+    def chunk_cells(self, qw: torch.Tensor) -> list[torch.Tensor]:
+        """Each chunk's array cells from the integer weights ``qw``: sliced
+        (``formulas.weight_slices``, STE shares) and placed where the emitter places them."""
         if self.slice_coef is not None:
             slices = WeightSlices.apply(qw, self.slice_coef, self.w_bits, self.cell_bits, self.differential)
         else:
             slices = qw[None]
         flat = torch.cat([slices.reshape(-1), slices.new_zeros(1)])     # index -1: a zero cell
+        return [flat[c.cells] for c in self.chunks]
+
+    def _integer_core(self, q, qw):
+        h = BitPlanes.apply(q, self.in_bits, self.in_signed) if self.bit_serial else q
         padded = None
         parts, stats = [], []
-        for ci, c in enumerate(self.chunks):
-            w = flat[c.cells]
+        for ci, (c, w) in enumerate(zip(self.chunks, self.chunk_cells(qw))):
             if c.factor is not None:
                 w = (w.double() * c.factor).float()
             hin = h

@@ -10,6 +10,7 @@ and the BatchNorm folded into its output by a :class:`~pimc.train.layer.BnGate`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -32,16 +33,16 @@ from .layer import BnGate, PimLayer
 
 
 class QatModel(nn.Module):
-    """The user's module prepared for PIM-QAT.  ``module``: it, with mapped layers replaced;
-    ``layers``: layer name -> PimLayer; ``mapping``, ``config``: what it was compiled with;
-    ``input_shape``: the model input's shape after the batch (for export)."""
+    """The user's module prepared for PIM-QAT.  ``module``: it, with mapped layers replaced
+    (their parameters and buffers are registered there, once); ``layers``: layer name ->
+    PimLayer (a plain dict: no second registration); ``mapping``, ``config``: what it was
+    compiled with; ``input_shape``: the model input's shape after the batch (for export)."""
 
     def __init__(self, module: nn.Module, layers: dict, mapping, config: CompileConfig, input_shape, swaps: list,
                  preprocess: str | None):
         super().__init__()
         self.module = module
-        self.layers = nn.ModuleDict({str(i): L for i, L in enumerate(layers.values())})
-        self._by_name = layers
+        self.layers = dict(layers)
         self.mapping, self.config, self.input_shape = mapping, config, list(input_shape)
         self._swaps = swaps            # (parent, attribute, original module, replacement)
         self.preprocess = preprocess
@@ -51,13 +52,13 @@ class QatModel(nn.Module):
         return self.module(*args, **kwargs)
 
     def layer(self, name: str) -> PimLayer:
-        return self._by_name[name]
+        return self.layers[name]
 
     def set_chip(self, chip: ChipConfig | None) -> None:
         """Train / evaluate on chip ``chip`` (its static draws from the shared draw function), or
         on the ideal ADC (None)."""
         self.chip = chip
-        for L in self._by_name.values():
+        for L in self.layers.values():
             L.set_chip(chip)
 
     @contextlib.contextmanager
@@ -74,7 +75,7 @@ class QatModel(nn.Module):
     def frozen_plan(self) -> FrozenPlan:
         """The trained values of every layer, as a frozen plan at the deployed bit widths."""
         out = {}
-        for name, L in self._by_name.items():
+        for name, L in self.layers.items():
             vals = dict(input_scale=float(np.float32(L.input_scale.item())), input_signed=bool(L.in_signed),
                         weight_scales=L.deployed_weight_scale(), output_rescale=L.deployed_rescale())
             if L.adc:
@@ -191,10 +192,7 @@ def _check_weights(layer: PimLayer, L, inits: dict, source: str) -> None:
         from pimc.core import formulas as F
         qw = F.quantize_weight(layer.weight().detach(), layer.weight_scale.detach(), bits=layer.w_bits)
         if layer.tiled:
-            slices = (F.weight_slices(qw, bits=layer.w_bits, cell_bits=layer.cell_bits,
-                                      differential=layer.differential) if layer.slice_coef is not None else qw[None])
-            flat = torch.cat([slices.reshape(-1), slices.new_zeros(1)])
-            pairs = [(flat[c.cells], N.tensor(L.name, N.ARRAY_WEIGHT, c.suffix)) for c in layer.chunks]
+            pairs = [(w, N.tensor(L.name, N.ARRAY_WEIGHT, c.suffix)) for c, w in zip(layer.chunks, layer.chunk_cells(qw))]
         else:
             pairs = [(qw, N.tensor(L.name, "weight_q"))]
     for got, name in pairs:
@@ -214,7 +212,6 @@ def sample_chip(qm: QatModel, rng: np.random.Generator | int, chip: ChipConfig) 
     """Draw a new chip of ``chip``'s kind (a fresh chip seed from ``rng``) and train on it:
     the static draws come from the shared draw function (``pimc.core.chip.draw_layer``), so a
     chip sampled here with seed k is the chip ``instantiate`` makes with seed k."""
-    import dataclasses
     rng = np.random.default_rng(rng)
     new = dataclasses.replace(chip, chip_seed=int(rng.integers(0, 2 ** 31 - 1)))
     qm.set_chip(new)
