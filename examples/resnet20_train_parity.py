@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--schemes", default="native,differential,bit-serial")
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--redo", action="store_true", help="run cases already in the JSON again")
     ap.add_argument("--json", type=Path, default=HERE.parent / "docs" / "results" / "resnet20-train-parity.json")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -64,6 +65,8 @@ def main():
             opt.step()
         out = T.export(qm, "/tmp/pimc-parity.pim.onnx")
         for chipname in ("ideal", "pimqat-chip7+noise0.5"):
+            if f"{scheme} / {chipname}" in results and not a.redo:
+                continue
             chip = None if chipname == "ideal" else dataclasses.replace(build_chip_config("pimqat-chip7"),
                                                                         noise_sigma=0.5, chip_seed=0)
             t0 = time.time()
