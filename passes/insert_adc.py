@@ -13,9 +13,11 @@ the PIM model then equals the digital quantized model exactly).  The range
 
 * ``full``: the worst case of the column's partial sum over all inputs in the
   input slice range (never clips);
-* ``calibrated``: min/max of the column's partial sums over the calibration
-  data (computed with all layers digital, i.e. before any ADC), widened to
-  include 0.
+* ``calibrated``: a range of the column's partial sums over the calibration
+  data (computed with all layers digital, i.e. before any ADC), by
+  ``config.adc_calib`` (``pimc.core.calibrators``: ``max`` = the exact min/max,
+  ``percentile:P``, ``mse``, ``entropy`` from a streaming per-column histogram of
+  every k-th row and column of the partial-sum maps), widened to include 0.
 
 A layer of a frozen plan (``compile_model(plan=...)``, ``--plan``) keeps the given
 Delta and z per column instead (range ``frozen``: the span they cover at this
@@ -26,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pimc.calibration import run_with_probes
+from pimc.calibration import stream_probes, strided_probe
+from pimc.core.calibrators import Histograms, adc_ranges, parse_method
 from pimc.core import names as N
 from pimc.core.mapping import AdcPlan
 from pimc.core.errors import PimcError
@@ -40,41 +43,19 @@ class InsertAdc(Transformation):
     name = "insert_adc"
 
     def apply(self, model: PimModel):
-        cfg = model.config
-        for p in model.layers.values():
+        layers = [p for p in model.layers.values() if model.layer_config(p.name).pim]
+        for p in layers:
             fz = model.frozen_layer(p.name)
             if fz.adc_step is not None and fz.adc_step.shape != (p.n_columns,):
                 raise PimcError(f"--plan: layer '{p.name}': adc_step has {fz.adc_step.size} values, the layer has "
                                 f"{p.n_columns} array columns with this scheme and tiling")
-        plans = [p for p in model.layers.values() if model.frozen_layer(p.name).adc_step is None]   # to calibrate
-        ranges = {}
-        if cfg.adc_range == "calibrated" and plans:
-            def probes(proto: onnx.ModelProto):
-                names = []
-                axes = onnx.helper.make_tensor(N.probe("axes"), onnx.TensorProto.INT64, [3], [0, 2, 3])
-                proto.graph.initializer.append(axes)
-                for i, p in enumerate(plans):
-                    chunks = layer_chunks(p)
-                    for ci in range(len(chunks)):
-                        src = N.output(p.name, N.ARRAY_MAC, N.chunk_suffix(ci, len(chunks)))
-                        for op in ("ReduceMin", "ReduceMax"):
-                            o = N.probe(i, ci, op)
-                            if model.opset >= 18:
-                                proto.graph.node.append(onnx.helper.make_node(op, [src, N.probe("axes")], [o], keepdims=0))
-                            else:
-                                proto.graph.node.append(onnx.helper.make_node(op, [src], [o], keepdims=0, axes=[0, 2, 3]))
-                            names.append(o)
-                return names
-            res = iter(run_with_probes(model, probes))
-            for p in plans:
-                lo = np.zeros(p.n_columns)
-                hi = np.zeros(p.n_columns)
-                for chunk in layer_chunks(p):
-                    cols = chunk_columns(p, chunk)
-                    lo[cols] = np.min(np.stack(next(res)), axis=0)
-                    hi[cols] = np.max(np.stack(next(res)), axis=0)
-                ranges[p.name] = (np.minimum(lo, 0), np.maximum(hi, 0))
-        for p in model.layers.values():
+        methods = {p.name: parse_method(model.layer_config(p.name).adc_calib, "--adc-calib") for p in layers}
+        todo = [p for p in layers if model.frozen_layer(p.name).adc_step is None
+                and model.layer_config(p.name).adc_range == "calibrated"]
+        ranges = calibrate_ranges(model, todo, methods, {p.name: model.layer_config(p.name).adc_bits for p in todo}) \
+            if todo else {}
+        for p in layers:
+            cfg = model.layer_config(p.name)
             fz = model.frozen_layer(p.name)
             if fz.adc_step is not None:   # as given: the range the step and zero point span
                 delta, z = fz.adc_step, fz.adc_zero_point
@@ -85,6 +66,71 @@ class InsertAdc(Transformation):
             s_min, s_max = ranges.get(p.name) or full_range(p)
             delta, z = adc_params(s_min, s_max, cfg.adc_bits)
             p.adc = AdcPlan(bits=cfg.adc_bits, range=cfg.adc_range, step=delta, zero_point=z,
-                            s_min=s_min.astype(np.float32), s_max=s_max.astype(np.float32))
+                            s_min=s_min.astype(np.float32), s_max=s_max.astype(np.float32),
+                            calibration=str(methods[p.name]) if p.name in ranges else None)
             emit_layer(model.graph, p)
-        return model, bool(model.layers)
+        return model, bool(layers)
+
+
+def calibrate_ranges(model: PimModel, plans, methods: dict, bits: dict) -> dict:
+    """Layer name -> (s_min, s_max) per column, from one streamed run over the calibration
+    data: exact per-column extremes (in-graph ReduceMin/ReduceMax), and for the layers whose
+    method (``methods[name]``) needs one, a per-column histogram of a strided sample of the
+    partial sums; ``bits[name]``: the layer's ADC bits."""
+    keys = [(p, ci, chunk) for p in plans for ci, chunk in enumerate(layer_chunks(p))]
+    wants = [methods[p.name].needs_histogram for p, _, _ in keys]
+
+    def probes(proto: onnx.ModelProto):
+        names = []
+        axes = onnx.helper.make_tensor(N.probe("axes"), onnx.TensorProto.INT64, [3], [0, 2, 3])
+        proto.graph.initializer.append(axes)
+        for i, (p, ci, chunk) in enumerate(keys):
+            src = N.output(p.name, N.ARRAY_MAC, N.chunk_suffix(ci, len(layer_chunks(p))))
+            for op in ("ReduceMin", "ReduceMax"):
+                o = N.probe(i, op)
+                if model.opset >= 18:
+                    proto.graph.node.append(onnx.helper.make_node(op, [src, N.probe("axes")], [o], keepdims=0))
+                else:
+                    proto.graph.node.append(onnx.helper.make_node(op, [src], [o], keepdims=0, axes=[0, 2, 3]))
+                names.append(o)
+            if wants[i]:
+                names.append(strided_probe(proto, src, N.probe(i, "sample"),
+                                           p.out_spatial() if p.kind == "conv" else None, model.opset))
+        return names
+
+    at = np.cumsum([0] + [3 if w else 2 for w in wants])
+    lo = [None] * len(keys)
+    hi = [None] * len(keys)
+    hs = [Histograms(len(chunk_columns(p, chunk)), bins=512, integer=True) if w else None
+          for (p, _, chunk), w in zip(keys, wants)]
+
+    def on_batch(res):
+        for i in range(len(keys)):
+            a, b = res[at[i]], res[at[i] + 1]
+            lo[i] = a if lo[i] is None else np.minimum(lo[i], a)
+            hi[i] = b if hi[i] is None else np.maximum(hi[i], b)
+            if wants[i]:
+                x = res[at[i] + 2]
+                hs[i].update(np.moveaxis(x, 1, 0).reshape(x.shape[1], -1))
+    stream_probes(model, probes, on_batch, batch=calibration_batch(plans))
+    out = {p.name: (np.zeros(p.n_columns), np.zeros(p.n_columns)) for p in plans}
+    for i, (p, _, chunk) in enumerate(keys):
+        cols = chunk_columns(p, chunk)
+        if wants[i]:
+            hs[i].lo[:], hs[i].hi[:] = lo[i], hi[i]     # the exact extremes (the histogram reads a sample)
+            c_lo, c_hi = adc_ranges(hs[i], methods[p.name], bits[p.name])
+        else:
+            c_lo, c_hi = np.minimum(lo[i], 0), np.maximum(hi[i], 0)
+        out[p.name][0][cols] = c_lo
+        out[p.name][1][cols] = c_hi
+    return out
+
+
+def calibration_batch(plans, budget_mib: int = 256) -> int:
+    """Calibration batch whose array partial sums (every layer's, all planes) stay near
+    ``budget_mib`` MiB of float32: the session holds them while it runs (1..64)."""
+    per_sample = 0
+    for p in plans:
+        sp = p.out_spatial() if p.kind == "conv" else [1, 1]
+        per_sample = max(per_sample, p.n_planes * p.n_columns * int(np.prod(sp or [1, 1])))
+    return int(min(64, max(1, budget_mib * 2 ** 20 // max(4 * per_sample, 1))))

@@ -11,10 +11,12 @@ float MACs (a runnable fake-quant model).  The scale is, in order of preference:
    ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` with a constant scalar
    scale; bits and sign follow the zero point's type (int8: signed 8-bit,
    uint8: unsigned 8-bit);
-2. calibrated: min/max of the layer input over the calibration data.  Inputs
-   that never go negative are unsigned, q in [0, 2^b-1], s = max/(2^b-1);
-   others are signed two's-complement, q in [-2^(b-1), 2^(b-1)-1],
-   s = max|x|/(2^(b-1)-1).
+2. calibrated: a clipping range of the layer input over the calibration data, by
+   ``config.act_calib`` (``pimc.core.calibrators``: ``max`` = the observed min/max,
+   ``percentile:P``, ``mse``, ``entropy``; the histogram methods read every k-th row and
+   column of each map, the extremes are exact).  Inputs that never go negative are
+   unsigned, q in [0, 2^b-1], s = T/(2^b-1); others are signed two's-complement,
+   q in [-2^(b-1), 2^(b-1)-1], s = T/(2^(b-1)-1), with T the range's bound.
 Also records each layer's input spatial size seen in calibration.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pimc.calibration import run_with_probes
+from pimc.calibration import stream_probes, strided_probe
+from pimc.core.calibrators import Histograms, activation_ranges, parse_method
 from pimc.core import names as N
 from pimc.core.planning import input_scale
 from pimc.lowering import emit_layer
@@ -57,10 +60,13 @@ class QuantizeActivations(Transformation):
     name = "quantize_activations"
 
     def apply(self, model: PimModel):
-        bits = model.config.input_bits
         plans = list(model.layers.values())
+        bits_of = {p.name: model.layer_config(p.name).input_bits for p in plans}
         todo = []
         for p in plans:
+            if not model.layer_config(p.name).quantized:
+                continue   # a float layer (per-layer rule)
+            bits = bits_of[p.name]
             fz = model.frozen_layer(p.name)
             tr = trained_input_scale(p.x)
             if fz.input_scale is not None and fz.input_signed is not None:
@@ -70,6 +76,8 @@ class QuantizeActivations(Transformation):
                 p.input_quant = InputQuant(scale=s, bits=b, signed=signed, source="model")
             else:
                 todo.append(p)
+        methods = {p.name: parse_method(model.layer_config(p.name).act_calib, "--act-calib") for p in todo}
+        hists = {}
         if todo or any(p.in_spatial is None and p.kind == "conv" for p in plans):
             def probes(proto: onnx.ModelProto):
                 names = []
@@ -83,20 +91,45 @@ class QuantizeActivations(Transformation):
                     proto.graph.node.append(onnx.helper.make_node("Shape", [p.x.name], [o + "_i"]))
                     proto.graph.node.append(onnx.helper.make_node("Cast", [o + "_i"], [o], to=onnx.TensorProto.FLOAT))
                     names.append(o)
+                for i, p in enumerate(todo):
+                    if methods[p.name].needs_histogram:
+                        names.append(strided_probe(proto, p.x.name, N.probe(i, "sample"),
+                                                   p.in_spatial if p.kind == "conv" else None, model.opset))
                 return names
-            res = run_with_probes(model, probes)
+            lows, highs, shapes = [[] for _ in todo], [[] for _ in todo], [None] * len(plans)
+            hists = {p.name: Histograms(1, bins=2048) for p in todo if methods[p.name].needs_histogram}
+
+            def on_batch(res):
+                for i, p in enumerate(todo):
+                    lows[i].append(float(np.min(res[2 * i])))
+                    highs[i].append(float(np.max(res[2 * i + 1])))
+                for i in range(len(plans)):
+                    shapes[i] = res[2 * len(todo) + i]
+                at = 2 * len(todo) + len(plans)
+                for p in todo:
+                    if p.name in hists:
+                        hists[p.name].update(res[at].reshape(1, -1))
+                        at += 1
+            stream_probes(model, probes, on_batch)
             for i, p in enumerate(todo):
-                lo = float(np.min(res[2 * i]))
-                hi = float(np.max(res[2 * i + 1]))
-                scale, signed = input_scale(lo, hi, bits)
+                lo, hi = min(lows[i]), max(highs[i])
+                c_lo, c_hi = lo, hi
+                bits, method = bits_of[p.name], methods[p.name]
+                if p.name in hists:
+                    h = hists[p.name]
+                    h.lo[:], h.hi[:] = lo, hi      # the exact extremes (the histogram reads a sample)
+                    r_lo, r_hi = activation_ranges(h, method, bits)
+                    c_lo, c_hi = float(r_lo[0]), float(r_hi[0])
+                scale, signed = input_scale(c_lo, c_hi, bits)
                 source = model.calibration.get("source", "calibration")
                 fz = model.frozen_layer(p.name)
                 if fz.input_scale is not None:   # the sign from the data, the scale as given
                     scale, source = fz.input_scale, "frozen"
                 p.input_quant = InputQuant(scale=scale, bits=bits, signed=signed, source=source,
-                                           observed_min=lo, observed_max=hi)
+                                           observed_min=lo, observed_max=hi,
+                                           calibration=None if source == "frozen" else str(method))
             for i, p in enumerate(plans):
-                shp = res[2 * len(todo) + i][0].astype(int).tolist()
+                shp = shapes[i].astype(int).tolist()
                 if p.kind == "conv" and len(shp) == 4:
                     p.in_spatial = shp[2:]
         for p in plans:

@@ -25,8 +25,12 @@ class QuantizeWeights(Transformation):
     name = "quantize_weights"
 
     def apply(self, model: PimModel):
-        bits = model.config.weight_bits
+        changed = False
         for p in model.layers.values():
+            cfg = model.layer_config(p.name)
+            if not cfg.quantized:
+                continue   # a float layer (per-layer rule)
+            bits = cfg.weight_bits
             given = model.frozen_layer(p.name).weight_scales
             if given is not None and given.shape != (p.cout,):
                 raise PimcError(f"--plan: layer '{p.name}': weight_scales has {given.size} values, the layer has "
@@ -35,4 +39,5 @@ class QuantizeWeights(Transformation):
             p.weight_quant = WeightQuant(bits=bits, q=q, scale=s)
             p.output_rescale = model.frozen_layer(p.name).output_rescale
             emit_layer(model.graph, p)
-        return model, bool(model.layers)
+            changed = True
+        return model, changed

@@ -8,6 +8,10 @@ constant vector or scalar, alpha/beta folded in) and each MatMul with a constant
 LayerPlan (``model.layers``).  Every other node stays as it is and is listed
 in ``model.digital_ops`` with the reason.  Outputs are unchanged up to float
 rounding (fc layers become a 1x1 Conv).
+Each layer gets its options (``model.layer_config``): the compile config with the
+per-layer rules that match it applied (``--digital-layers``, the hardware file's
+``[[layer]]`` tables; ``pimc.core.config.layer_configs``); a pattern matching no
+layer is an error.
 Raises PimcError for a Conv/Gemm/MatMul whose channel counts cannot be
 inferred (a weight that is neither constant nor of static shape).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from pimc.core.config import layer_configs
 from pimc.core.errors import PimcError
 from pimc.core.mapping import LayerPlan
 from pimc.core.planning import check_kernel_fits
@@ -56,14 +61,22 @@ class SelectCrossbarLayers(Transformation):
                 continue
             plan.source_initializers = {k: node.inputs[i].name for k, i in (("weight", 1), ("bias", 2))
                                         if len(node.inputs) > i and node.inputs[i] is not None and node.inputs[i].name}
-            if model.config.pim:
-                check_kernel_fits(plan, model.config.array_rows, model.config.tile_mode)
             node.inputs.clear()
             node.outputs.clear()
             g.nodes.remove(node)
             emit_layer(g, plan)
             model.layers[plan.name] = plan
             changed = True
+        resolved = layer_configs(model.config, [(p.name, p.source_initializers.get("weight"))
+                                                for p in model.layers.values()])
+        for p in model.layers.values():
+            cfg, why = resolved[p.name]
+            p.scheme = cfg.scheme
+            p.rules = why
+            if why:
+                model.layer_configs[p.name] = cfg
+            if cfg.pim:
+                check_kernel_fits(p, cfg.array_rows, cfg.tile_mode)
         if model.frozen is not None:
             model.frozen.check_layers(list(model.layers), model.source)
         return model, changed

@@ -36,8 +36,12 @@ class SplitSlices(Transformation):
     exact = True
 
     def apply(self, model: PimModel):
-        cfg = model.config
+        changed = False
         for p in model.layers.values():
+            cfg = model.layer_config(p.name)
+            if not cfg.pim:
+                continue
+            changed = True
             iq = p.input_quant
             names, coef, cell_range, w = plan_slices(p.weight_quant.bits, cfg.cell_bits, cfg.differential_weights,
                                                      p.weight_quant.q)
@@ -51,4 +55,4 @@ class SplitSlices(Transformation):
                                   bit_serial=cfg.bit_serial_inputs)
             p.chunks = plan_chunks(p, cfg.chunk_mib)
             emit_layer(model.graph, p)
-        return model, bool(model.layers)
+        return model, changed

@@ -28,8 +28,12 @@ class TileCrossbars(Transformation):
     exact = True
 
     def apply(self, model: PimModel):
-        cfg = model.config
+        changed = False
         for p in model.layers.values():
+            cfg = model.layer_config(p.name)
+            if not cfg.pim:
+                continue   # a digital or float layer (per-layer rule)
             p.tiling = plan_tiles(p, cfg.array_rows, cfg.array_cols, cfg.tile_mode)
             emit_layer(model.graph, p)
-        return model, bool(model.layers)
+            changed = True
+        return model, changed

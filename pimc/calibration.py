@@ -88,12 +88,13 @@ def calibration_inputs(model: PimModel) -> dict[str, np.ndarray]:
                 raise PimcError(f"model input '{t.name}' is {np.dtype(t.dtype)}: pass --calib-data with real inputs")
             feed[t.name] = rng.standard_normal((n, *shape[1:])).astype(np.float32)
         source = {"source": "synthetic", "distribution": "N(0,1)", "seed": cfg.seed, "samples": n}
-        if model.frozen is not None and all(model.frozen.covers(p.name, cfg.pim) for p in model.layers.values()):
+        if model.frozen is not None and all(model.frozen.covers(p.name, model.layer_config(p.name).pim)
+                                            for p in model.layers.values()):
             print(f"pimc: note: the frozen plan gives every layer's scales; {n} synthetic inputs are used only for "
                   f"shapes", file=sys.stderr)
         else:
             adc = ""
-            if cfg.pim:
+            if any(model.layer_config(p.name).pim for p in model.layers.values()):
                 adc = (", and ADC ranges too" if cfg.adc_range == "calibrated" else
                        "; ADC ranges use the full worst-case range (calibrated ADC ranges need real data)")
             print(f"pimc: warning: no --calib-data: activation ranges calibrated on {n} synthetic N(0,1) inputs{adc}; "
@@ -153,6 +154,20 @@ def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
     the names of tensors to fetch.  Returns, per probe tensor, the list of
     per-batch values.
     """
+    out: list[list[np.ndarray]] = []
+
+    def keep(res):
+        if not out:
+            out.extend([] for _ in res)
+        for j, r in enumerate(res):
+            out[j].append(r)
+    stream_probes(model, probes, keep)
+    return out
+
+
+def stream_probes(model: PimModel, probes, on_batch, batch: int = BATCH) -> None:
+    """As :func:`run_with_probes`, but hand each batch's probe values to ``on_batch(values)``
+    and keep nothing (streaming statistics: memory bounded by one batch)."""
     feed = calibration_inputs(model)
     proto = model.to_onnx()
     before = len(proto.graph.node)
@@ -162,9 +177,27 @@ def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
     for n in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
     sess = open_session(proto, fusions=True, priority_order=True)
-    out: list[list[np.ndarray]] = [[] for _ in names]
     # probes reduce over the batch: the padding rows of a fixed-batch model repeat a sample and change no min/max
-    for _, _, res in run_batches(sess, names, feed, BATCH, trim=False):
-        for j, r in enumerate(res):
-            out[j].append(r)
-    return out
+    for _, _, res in run_batches(sess, names, feed, batch, trim=False):
+        on_batch(res)
+
+
+def strided_probe(proto: onnx.ModelProto, src: str, name: str, spatial, opset: int) -> str:
+    """Add a node giving ``src`` (N, C, H, W) at every k-th row and column, k from
+    ``calibrators.subsample_step`` (``src`` itself when k = 1, for other ranks, or before
+    opset 10): the sample a histogram calibration reads, a bounded share of each map."""
+    from .core.calibrators import subsample_step
+    if spatial is None or len(spatial) != 2 or opset < 10:
+        return src
+    k = subsample_step(int(spatial[0]) * int(spatial[1]))
+    if k == 1:
+        return src
+    init = lambda n, v: proto.graph.initializer.append(
+        onnx.helper.make_tensor(n, onnx.TensorProto.INT64, [len(v)], v))
+    init(name + "_starts", [0, 0])
+    init(name + "_ends", [2 ** 62, 2 ** 62])
+    init(name + "_axes", [2, 3])
+    init(name + "_steps", [k, k])
+    proto.graph.node.append(onnx.helper.make_node(
+        "Slice", [src, name + "_starts", name + "_ends", name + "_axes", name + "_steps"], [name]))
+    return name

@@ -39,6 +39,12 @@ class PimModel:
     carried_metadata: dict = field(default_factory=dict)   # source metadata kept in the IR (pimc.preprocess)
     fixed_batch: int | None = None   # the batch the graph depends on (None: any batch); see passes/free_batch.py
     frozen: FrozenPlan | None = None  # values given by the caller, used as given (pimc.core.frozen)
+    layer_configs: dict = field(default_factory=dict)   # layer name -> CompileConfig after per-layer rules
+
+    def layer_config(self, name: str) -> CompileConfig:
+        """The options of layer ``name``: the compile config with the per-layer rules that match it
+        (``--digital-layers``, the hardware file's [[layer]] tables) applied."""
+        return self.layer_configs.get(name, self.config)
 
     def frozen_layer(self, name: str) -> FrozenLayer:
         """The caller's frozen values of layer ``name`` (all None when there are none)."""

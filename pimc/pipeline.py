@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .core.config import CompileConfig, build_config
+from .core.config import CompileConfig, build_config, may_use
 from .core.errors import PimcError
 from .core.frozen import FrozenPlan
 from .core.mapping import read_mapping
@@ -47,9 +47,9 @@ def new_pim_model(proto: onnx.ModelProto, config: CompileConfig, source: str) ->
 
 def pass_list(cfg: CompileConfig) -> list:
     steps = [P.ImportModel(), P.SelectCrossbarLayers(), P.FoldBatchNorm()]
-    if cfg.quantized:
+    if may_use(cfg, "quantized"):   # the compile's scheme, or a per-layer rule's
         steps += [P.QuantizeActivations(), P.QuantizeWeights()]
-    if cfg.pim:
+    if may_use(cfg, "pim"):
         steps += [P.TileCrossbars(), P.SplitSlices(), P.InsertAdc()]
     steps.append(P.FinalizeIR())
     return steps

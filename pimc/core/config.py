@@ -41,10 +41,14 @@ class CompileConfig:
     adc_range: str = "auto"  # auto: calibrated with real calibration data, else full (see resolved())
     calib_data: str | None = None
     calib_samples: int = 256
+    act_calib: str = "max"   # activation range calibration: max | percentile[:P] | mse | entropy
+    adc_calib: str = "max"   # ADC column range calibration (adc_range calibrated), same methods
     fold_bn: str = "weights"
     seed: int = 0
     chunk_mib: int = 256  # bound on one chunk of per-array partial sums at batch 256
     preset: str | None = None
+    digital_layers: str = ""          # comma list of node names/globs, or first/last: kept digital quantized
+    layer_overrides: tuple = ()       # the hardware file's [[layer]] tables: {"match": [...], option: value}
 
     # ---- derived views -------------------------------------------------
     @property
@@ -72,7 +76,10 @@ class CompileConfig:
     @staticmethod
     def from_dict(d: dict) -> "CompileConfig":
         known = {f.name for f in dataclasses.fields(CompileConfig)}
-        return CompileConfig(**{k: v for k, v in d.items() if k in known})
+        vals = {k: v for k, v in d.items() if k in known}
+        if "layer_overrides" in vals:
+            vals["layer_overrides"] = tuple({**o, "match": list(o["match"])} for o in (vals["layer_overrides"] or ()))
+        return CompileConfig(**vals)
 
     def replace(self, **kw) -> "CompileConfig":
         return dataclasses.replace(self, **kw)
@@ -84,7 +91,7 @@ class CompileConfig:
         if self.adc_range != "auto":
             return self
         real = self.calib_data is not None if real_calibration is None else real_calibration
-        return self.replace(adc_range="calibrated" if real and self.pim else "full")
+        return self.replace(adc_range="calibrated" if real and may_use(self, "pim") else "full")
 
 
 # Presets: name -> (description, overrides).  N is the number of rows summed per
@@ -109,6 +116,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 HW_TABLES = ("array", "adc", "quant", "mapping", "calibration", "nonideal")
+# options a [[layer]] table (or --digital-layers) may set for the layers it matches
+LAYER_KEYS = ("scheme", "adc_bits", "array_rows", "array_cols", "weight_bits", "input_bits", "cell_bits", "tile_mode",
+              "adc_range", "act_calib", "adc_calib")
 RUNTIME_TABLES = ("nonideal",)  # read by pimc.core.chip, not by the compiler
 
 
@@ -139,6 +149,9 @@ def load_hw_file(path: str | Path) -> dict:
     for key, val in doc.items():
         if key in RUNTIME_TABLES:
             continue
+        if key == "layer":
+            flat["layer_overrides"] = _layer_tables(val, p)
+            continue
         if isinstance(val, dict):
             if key not in HW_TABLES:
                 raise PimcError(f"--hw: '{p}': unknown table [{key}]; known tables: {', '.join(HW_TABLES)}")
@@ -155,6 +168,8 @@ def load_hw_file(path: str | Path) -> dict:
             flat[k] = v
     types = _field_types()
     for k, v in flat.items():
+        if k == "layer_overrides":
+            continue
         if k not in types:
             raise PimcError(f"--hw: '{p}': unknown key '{k}'; known keys: {', '.join(sorted(types))}")
         want = types[k]
@@ -165,6 +180,104 @@ def load_hw_file(path: str | Path) -> dict:
     if "calib_data" in flat:
         flat["calib_data"] = str((p.parent / flat["calib_data"]).resolve()) if not Path(flat["calib_data"]).is_absolute() else flat["calib_data"]
     return flat
+
+
+def _layer_tables(val, p: Path) -> tuple:
+    """The [[layer]] tables of hardware file ``p``, checked: each has ``match`` (a node name, glob,
+    ``first`` or ``last``, or a list of them) and options from LAYER_KEYS."""
+    if not isinstance(val, list) or not all(isinstance(t, dict) for t in val):
+        raise PimcError(f"--hw: '{p}': 'layer' must be an array of tables, written [[layer]]")
+    types = _field_types()
+    out = []
+    for i, t in enumerate(val, 1):
+        t = {k.replace("-", "_"): v for k, v in t.items()}
+        where = f"--hw: '{p}': [[layer]] #{i}"
+        m = t.pop("match", None)
+        if isinstance(m, str):
+            m = [m]
+        if not m or not isinstance(m, list) or not all(isinstance(x, str) and x.strip() for x in m):
+            raise PimcError(f"{where} needs match = \"NAME-OR-GLOB\" (or a list of them; first and last name the "
+                            f"first and last mapped layer)")
+        for k, v in t.items():
+            if k not in LAYER_KEYS:
+                raise PimcError(f"{where}: key '{k}' cannot be set per layer; per-layer keys: {', '.join(LAYER_KEYS)}")
+            want = types[k]
+            if want is int and (not isinstance(v, int) or isinstance(v, bool)):
+                raise PimcError(f"{where}: key '{k}' must be an integer, got {v!r}")
+            if want is str and not isinstance(v, str):
+                raise PimcError(f"{where}: key '{k}' must be a string, got {v!r}")
+        if not t:
+            raise PimcError(f"{where} ({', '.join(m)}) sets no option; per-layer keys: {', '.join(LAYER_KEYS)}")
+        out.append({"match": [x.strip() for x in m], **t, "where": f"{where} (match {', '.join(m)})"})
+    return tuple(out)
+
+
+def layer_rules(cfg: CompileConfig) -> list[dict]:
+    """The per-layer rules in the order they apply (later ones win): the hardware file's
+    [[layer]] tables, then ``--digital-layers`` (scheme digital)."""
+    rules = [dict(o) for o in cfg.layer_overrides]
+    for r in rules:
+        r.setdefault("where", f"[[layer]] (match {', '.join(r['match'])})")
+    names = [x.strip() for x in cfg.digital_layers.split(",") if x.strip()]
+    if names:
+        rules.append({"match": names, "scheme": "digital", "where": f"--digital-layers {cfg.digital_layers}"})
+    return rules
+
+
+def rule_matches(pattern: str, name: str, index: int, count: int, weight: str | None = None) -> bool:
+    """Whether a [[layer]] / --digital-layers pattern names the mapped layer ``name`` (its
+    ``index`` of ``count`` in graph order; ``weight`` its weight initializer's name):
+    ``first``, ``last``, or a glob (fnmatch) on the node name or the weight name."""
+    from fnmatch import fnmatchcase
+    if pattern == "first":
+        return index == 0
+    if pattern == "last":
+        return index == count - 1
+    return fnmatchcase(name, pattern) or (weight is not None and fnmatchcase(weight, pattern))
+
+
+def layer_configs(cfg: CompileConfig, layers: list[tuple[str, str | None]]) -> dict[str, tuple["CompileConfig", list]]:
+    """Per mapped layer (name, weight initializer name) in graph order: its CompileConfig after
+    the per-layer rules, and the rules that changed it.  A pattern that matches no layer is
+    an error (a misspelt name must not silently change nothing)."""
+    rules = layer_rules(cfg)
+    out = {}
+    hits = [[0] * len(r["match"]) for r in rules]
+    for i, (name, weight) in enumerate(layers):
+        vals, why = {}, []
+        for ri, r in enumerate(rules):
+            hit = False
+            for pi, pat in enumerate(r["match"]):
+                if rule_matches(pat, name, i, len(layers), weight):
+                    hits[ri][pi] += 1
+                    hit = True
+            if hit:
+                vals.update({k: v for k, v in r.items() if k not in ("match", "where")})
+                why.append(r["where"])
+        if vals and vals.get("scheme", cfg.scheme) in ("float", "digital"):
+            # array options a layer inherits have no effect on a float or digital layer
+            vals = {"adc_range": "full", "cell_bits": 0, **vals}
+        c = cfg.replace(**vals) if vals else cfg
+        if vals:
+            try:
+                validate(c)
+            except PimcError as e:
+                raise PimcError(f"layer '{name}' ({'; '.join(why)}): {e}") from None
+        out[name] = (c, why)
+    for r, h in zip(rules, hits):
+        for pat, n in zip(r["match"], h):
+            if n == 0:
+                ex = ", ".join(n for n, _ in layers[:3]) + (", …" if len(layers) > 3 else "")
+                raise PimcError(f"{r['where']}: '{pat}' matches no mapped layer; give a node name or glob "
+                                f"(e.g. {ex or 'none mapped'}), a weight name, first or last")
+    return out
+
+
+def may_use(cfg: CompileConfig, what: str) -> bool:
+    """Whether any layer may be ``what`` ("quantized" or "pim") under ``cfg`` and its rules
+    (decides which passes run)."""
+    test = (lambda s: s != "float") if what == "quantized" else (lambda s: s not in ("float", "digital"))
+    return test(cfg.scheme) or any(test(r["scheme"]) for r in layer_rules(cfg) if "scheme" in r)
 
 
 def layered(presets: dict, preset: str | None, option: str, hw_values, explicit: dict) -> dict:
@@ -208,6 +321,9 @@ def validate(cfg: CompileConfig) -> None:
     need(1 <= cfg.array_rows <= 65536, f"--array-rows: {cfg.array_rows} is out of range; use 1..65536")
     need(1 <= cfg.array_cols <= 65536, f"--array-cols: {cfg.array_cols} is out of range; use 1..65536")
     need(cfg.chunk_mib >= 1, f"--chunk-mib: {cfg.chunk_mib} must be at least 1")
+    from .calibrators import parse_method
+    parse_method(cfg.act_calib, "--act-calib")
+    parse_method(cfg.adc_calib, "--adc-calib")
     need(cfg.calib_samples >= 1, f"--calib-samples: {cfg.calib_samples} must be at least 1")
     need(cfg.cell_bits >= 0, f"--cell-bits: {cfg.cell_bits} must be >= 0 (0 = whole weight in one cell)")
     mag = cfg.weight_bits - 1 if cfg.differential_weights else cfg.weight_bits

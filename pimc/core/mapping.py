@@ -27,6 +27,7 @@ class InputQuant:
     source: str  # "calibration" | "synthetic" | "file" | "memory" | "model" (QDQ) | "frozen" (a frozen plan)
     observed_min: float = 0.0
     observed_max: float = 0.0
+    calibration: str | None = None   # the calibration method that chose the scale (pimc.core.calibrators)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class AdcPlan:
     zero_point: np.ndarray     # (ncols,) integer zero point per column
     s_min: np.ndarray          # (ncols,) range the scale was derived from
     s_max: np.ndarray
+    calibration: str | None = None   # the calibration method of a calibrated range (pimc.core.calibrators)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class LayerPlan:
     # names of the source model's initializers this layer was built from (weight, bias, BatchNorm
     # scale/bias/mean/var): both torch exporters name them after the state_dict keys
     source_initializers: dict = field(default_factory=dict)
+    scheme: str | None = None      # this layer's scheme (the compile's, or a per-layer rule's)
+    rules: list = field(default_factory=list)   # the per-layer rules that set its options
     nodes: list = field(default_factory=list)   # gs.Node objects currently emitted
 
     # ---- shapes ----------------------------------------------------------
@@ -194,6 +198,10 @@ class LayerPlan:
             "output_spatial": self.out_spatial(),
             "source_initializers": dict(self.source_initializers),
         }
+        if self.scheme is not None:
+            rec["scheme"] = self.scheme
+        if self.rules:
+            rec["rules"] = list(self.rules)
         if self.output_rescale is not None:
             rec["output_rescale"] = float(self.output_rescale)
         if self.bn_stats is not None:
@@ -204,6 +212,8 @@ class LayerPlan:
             rec["input_quant"] = {"scale": float(iq.scale), "bits": iq.bits, "signed": bool(iq.signed),
                                   "source": iq.source, "observed_min": float(iq.observed_min),
                                   "observed_max": float(iq.observed_max)}
+            if iq.calibration is not None:
+                rec["input_quant"]["calibration"] = iq.calibration
         if self.weight_quant:
             wq = self.weight_quant
             rec["weight_quant"] = {"bits": wq.bits, "granularity": "column",
@@ -239,6 +249,8 @@ class LayerPlan:
                           # per array column, (group, tile, slice, out_channel) order: as in the IR's initializers
                           "step": [float(v) for v in np.asarray(ad.step, np.float32)],
                           "zero_point": [float(v) for v in np.asarray(ad.zero_point, np.float32)]}
+            if ad.calibration is not None:
+                rec["adc"]["calibration"] = ad.calibration
         if self.tiling and self.weight_quant:
             n = len(self.chunks) if self.chunks else 1
             sfx = [N.chunk_suffix(i, n) for i in range(n)]
@@ -315,6 +327,7 @@ class InputQuantRecord:
     source: str
     observed_min: float = 0.0
     observed_max: float = 0.0
+    calibration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +374,7 @@ class AdcRecord:
     lossless_columns: int
     step: list          # per array column: the ADC step Delta
     zero_point: list    # per array column: the integer zero point z
+    calibration: str | None = None   # calibrated ranges: the method (pimc.core.calibrators)
 
 
 @dataclass(frozen=True)
@@ -401,6 +415,8 @@ class LayerMapping:
     source_initializers: dict | None = None   # weight, bias, bn_scale, bn_bias, bn_mean, bn_var -> name
     tensors: dict | None = None               # the layer's IR tensor and node names (pimc.core.names), per chunk
     output_rescale: float | None = None       # trained PIM-QAT rescaling factor folded into out_scale
+    scheme: str | None = None                 # the layer's scheme (differs from the compile's by a per-layer rule)
+    rules: list | None = None                 # the per-layer rules (--digital-layers, [[layer]]) that set its options
 
     @classmethod
     def from_record(cls, rec: dict) -> "LayerMapping":
