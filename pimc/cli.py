@@ -37,9 +37,14 @@ chip_options = _option_block("_CHIP_OPTIONS")         # chip settings, shared by
 
 
 _COMPILE_OPTIONS = [
-    click.option("--scheme", type=click.Choice(SCHEMES), help=f"Decomposition: float (no quantization), digital "
-                  f"(quantized, no arrays), native (multi-bit inputs and signed weights), differential (weights split "
-                  f"into +/- columns), bit-serial (inputs one bit at a time), bit-serial+differential.  [default: {_D.scheme}]"),
+    click.option("--scheme", type=click.Choice(SCHEMES), help="Decomposition (column layouts with a worked example: "
+                  "README, Schemes): float (no quantization); digital (quantized, no arrays); native (multi-bit "
+                  "inputs, each signed weight in one column, 1 conversion per column); differential (w = w+ - w-: "
+                  "two unsigned columns per output channel, 2 conversions); bit-serial (inputs one bit per cycle, "
+                  "b_x conversions per column, each signed weight still in ONE column); bit-serial+differential "
+                  "(bit-serial inputs and +/- weight columns, 2 b_x conversions: the layout many papers call "
+                  "bit-serial).  --cell-bits splits each weight over cells.  "
+                  f"[default: {_D.scheme}]"),
     click.option("--adc-bits", type=int, help=f"ADC resolution in bits.  [default: {_D.adc_bits}]"),
     click.option("--array-rows", type=int, help=f"Crossbar rows R (inputs summed per conversion).  [default: {_D.array_rows}]"),
     click.option("--array-cols", type=int, help=f"Crossbar columns C (ADC-converted outputs per array).  [default: {_D.array_cols}]"),
@@ -54,6 +59,17 @@ _COMPILE_OPTIONS = [
                   "calibration data is given (--calib-data, or the calibration images of eval/sweep), else full.  "
                   f"[default: {_D.adc_range}]"),
     click.option("--calib-samples", type=int, help=f"Use at most this many calibration samples.  [default: {_D.calib_samples}]"),
+    click.option("--act-calib", metavar="METHOD[:P]", help="How each layer's input range is calibrated: max (observed "
+                  "max |x|), percentile[:P] (P-th percentile of |x|, P=99.99 if not given), mse (the clipping range with "
+                  "the least quantization MSE), entropy (least KL divergence, as TensorRT).  Histograms stream over the "
+                  f"calibration data (README: Calibration).  [default: {_D.act_calib}]"),
+    click.option("--adc-calib", metavar="METHOD[:P]", help="How each ADC column's partial-sum range is calibrated (with "
+                  "--adc-range calibrated): max (observed min/max), percentile[:P] (tails of (100-P)/2 %% cut on each "
+                  f"side), mse, entropy, searched per column.  [default: {_D.adc_calib}]"),
+    click.option("--digital-layers", metavar="LIST", help="Keep these layers digital (quantized, no arrays, no ADC): "
+                  "comma list of ONNX node names or globs (e.g. '/layer1/*'), weight names, and first / last (the "
+                  "first and last mapped layer).  A name that matches nothing is an error.  Per-layer options of "
+                  "any kind: [[layer]] tables in --hw (README).  [default: none]"),
     click.option("--fold-bn", type=click.Choice(FOLD_BN), help="Fold BatchNorm into the weights (the arrays hold folded "
                   f"weights) or into the per-column output affine after the ADC.  [default: {_D.fold_bn}]"),
     click.option("--seed", type=int, help=f"Seed of every random draw at compile time (synthetic calibration).  [default: {_D.seed}]"),

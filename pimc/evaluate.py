@@ -99,6 +99,23 @@ def load_eval_data(data: str, split: str, calib_data: str | None, calib_split: s
     return x, y, xc, data_rec, calib_rec
 
 
+def digital_variant(cfg: CompileConfig) -> CompileConfig:
+    """The digital quantized model a compile is compared with: every layer digital with the same
+    bits and activation calibration, per-layer bits and float layers kept (its layers' input
+    scales then equal the compile's, so a lossless ADC reproduces it exactly)."""
+    keep = ("weight_bits", "input_bits", "act_calib")
+    rules = []
+    for r in cfg.layer_overrides:
+        r2 = {k: v for k, v in r.items() if k in keep}
+        if r.get("scheme") == "float":
+            r2["scheme"] = "float"
+        if r2:
+            rules.append({"match": list(r["match"]), **r2, **({"where": r["where"]} if "where" in r else {})})
+    return CompileConfig(scheme="digital", weight_bits=cfg.weight_bits, input_bits=cfg.input_bits, fold_bn=cfg.fold_bn,
+                         seed=cfg.seed, calib_samples=cfg.calib_samples, act_calib=cfg.act_calib,
+                         layer_overrides=tuple(rules))
+
+
 def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: int = 0, split: str = "test",
              calib_data: str | None = None, calib_split: str = "train", prep: dict | None = None,
              limit: int | None = None, batch: int = 256, calibrate_bn: bool = False, stats_images: int = 64,
@@ -129,8 +146,7 @@ def evaluate(model: str, data: str, config: CompileConfig, *, chip=None, chips: 
     cfg = config
     # the baselines depend on these fields only (so sweeps share them)
     variants = {"float": CompileConfig(scheme="float", fold_bn=config.fold_bn, seed=config.seed),
-                "digital": CompileConfig(scheme="digital", weight_bits=cfg.weight_bits, input_bits=cfg.input_bits,
-                                         fold_bn=cfg.fold_bn, seed=cfg.seed, calib_samples=cfg.calib_samples)}
+                "digital": digital_variant(cfg)}
     if cfg.pim:
         variants["ideal_pim"] = cfg
     models, blobs, jobs, cached = {}, {}, [], {}

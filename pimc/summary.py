@@ -28,9 +28,13 @@ def mapping_summary(mapping, config: dict) -> str:
     for L in mapping.layers:
         t, sl = L.tiling, L.slicing
         name = L.name if len(L.name) <= 28 else "…" + L.name[-27:]
+        why = f" by {'; '.join(L.rules)}" if L.rules else ""
         if not t:
-            lines.append(f"{name:<28} {L.op_type:<6} {'(digital quantized)' if L.weight_quant else '(float)':>20}")
+            lines.append(f"{name:<28} {L.op_type:<6} {'(digital quantized' if L.weight_quant else '(float':>19}{why})")
             continue
+        if L.rules:
+            lines.append(f"{name:<28} {L.op_type:<6} (scheme {L.scheme or config['scheme']}{why})")
+            name = ""
         arrays = t.arrays   # the record's array entries: {"rows": [0, used], "cols": [c0, c1], ...}
         rows = sum(a["rows"][1] for a in arrays)
         cols = sum(a["cols"][1] - a["cols"][0] for a in arrays)

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 
 from pimc.core import names as N
 from pimc.core.chip import ChipConfig
-from pimc.core.config import CompileConfig
+from pimc.core.config import CompileConfig, layer_configs, may_use
 from pimc.core.errors import PimcError
 from pimc.core.frozen import FrozenLayer, FrozenPlan
 from pimc.core.mapping import read_mapping
@@ -118,13 +118,16 @@ def prepare(module: nn.Module, compiled, *, train_adc_bits: int | None = None, r
     if mapping.stage != "final":
         raise PimcError(f"'{source}' is an intermediate model (stage '{mapping.stage}'); prepare takes a final "
                         f"compiled model")
-    if not config.quantized:
+    if not may_use(config, "quantized"):
         raise PimcError(f"'{source}' was compiled with --scheme {config.scheme}: nothing is quantized to train; "
                         f"compile with a PIM scheme or --scheme digital")
     params = dict(module.named_parameters())
     layers, swaps = {}, []
     inits = {t.name: t for t in proto.graph.initializer}
+    per_layer = layer_configs(config, [(L.name, (L.source_initializers or {}).get("weight")) for L in mapping.layers])
     for li, L in enumerate(mapping.layers):
+        if L.weight_quant is None:
+            continue   # a float layer (per-layer rule): the module's own layer, trained as it is
         if L.bn == "folded into weights":
             raise PimcError(f"'{source}': layer '{L.name}' has its BatchNorm folded into the weights; training keeps "
                             f"BN after the arrays: compile with --fold-bn output")
@@ -146,7 +149,7 @@ def prepare(module: nn.Module, compiled, *, train_adc_bits: int | None = None, r
                                 f"BatchNorm2d")
             gate = BnGate(bn)
             swaps.append((bparent, battr, bn, gate))
-        layer = PimLayer(inner, L, li, config, bn=bn, train_adc_bits=train_adc_bits, rescale=rescale)
+        layer = PimLayer(inner, L, li, per_layer[L.name][0], bn=bn, train_adc_bits=train_adc_bits, rescale=rescale)
         if check_weights:
             _check_weights(layer, L, inits, source)
         layers[L.name] = layer
