@@ -14,7 +14,7 @@ float MACs (a runnable fake-quant model).  The scale is, in order of preference:
 2. calibrated: a clipping range of the layer input over the calibration data, by
    ``config.act_calib`` (``pimc.core.calibrators``: ``max`` = the observed min/max,
    ``percentile:P``, ``mse``, ``entropy``; the histogram methods read every k-th row and
-   column of each map, the extremes are exact).  Inputs that never go negative are
+   column of each map (about 64 positions per map and sample), ``max`` every value).  Inputs that never go negative are
    unsigned, q in [0, 2^b-1], s = T/(2^b-1); others are signed two's-complement,
    q in [-2^(b-1), 2^(b-1)-1], s = T/(2^(b-1)-1), with T the range's bound.
 Also records each layer's input spatial size seen in calibration.
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from pimc.calibration import stream_probes, strided_probe
-from pimc.core.calibrators import Histograms, activation_ranges, parse_method
+from pimc.core.calibrators import Histograms, activation_ranges, parse_method, subsample_step
 from pimc.core import names as N
 from pimc.core.planning import input_scale
 from pimc.lowering import emit_layer
@@ -93,8 +93,9 @@ class QuantizeActivations(Transformation):
                     names.append(o)
                 for i, p in enumerate(todo):
                     if methods[p.name].needs_histogram:
-                        names.append(strided_probe(proto, p.x.name, N.probe(i, "sample"),
-                                                   p.in_spatial if p.kind == "conv" else None, model.opset))
+                        sp = p.in_spatial if p.kind == "conv" and p.in_spatial and len(p.in_spatial) == 2 else None
+                        k = subsample_step(int(sp[0]) * int(sp[1])) if sp else 1
+                        names.append(strided_probe(proto, p.x.name, N.probe(i, "sample"), model.opset, k))
                 return names
             lows, highs, shapes = [[] for _ in todo], [[] for _ in todo], [None] * len(plans)
             hists = {p.name: Histograms(1, bins=2048) for p in todo if methods[p.name].needs_histogram}
@@ -116,9 +117,7 @@ class QuantizeActivations(Transformation):
                 c_lo, c_hi = lo, hi
                 bits, method = bits_of[p.name], methods[p.name]
                 if p.name in hists:
-                    h = hists[p.name]
-                    h.lo[:], h.hi[:] = lo, hi      # the exact extremes (the histogram reads a sample)
-                    r_lo, r_hi = activation_ranges(h, method, bits)
+                    r_lo, r_hi = activation_ranges(hists[p.name], method, bits)   # from the sample
                     c_lo, c_hi = float(r_lo[0]), float(r_hi[0])
                 scale, signed = input_scale(c_lo, c_hi, bits)
                 source = model.calibration.get("source", "calibration")

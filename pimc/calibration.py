@@ -165,10 +165,15 @@ def run_with_probes(model: PimModel, probes) -> list[list[np.ndarray]]:
     return out
 
 
-def stream_probes(model: PimModel, probes, on_batch, batch: int = BATCH) -> None:
+def stream_probes(model: PimModel, probes, on_batch, batch: int = BATCH, prune: bool = False,
+                  rows: int | None = None) -> None:
     """As :func:`run_with_probes`, but hand each batch's probe values to ``on_batch(values)``
-    and keep nothing (streaming statistics: memory bounded by one batch)."""
+    and keep nothing (streaming statistics: memory bounded by one batch).  ``prune``: drop
+    the nodes no probe needs (for probes that rewire the model); ``rows``: only the first
+    ``rows`` calibration samples."""
     feed = calibration_inputs(model)
+    if rows is not None:
+        feed = {k: v[:rows] for k, v in feed.items()}
     proto = model.to_onnx()
     before = len(proto.graph.node)
     names = probes(proto)
@@ -176,21 +181,24 @@ def stream_probes(model: PimModel, probes, on_batch, batch: int = BATCH) -> None
     del proto.graph.output[:]
     for n in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    if prune:
+        need, keep = set(names), []
+        for n in reversed(proto.graph.node):
+            if any(o in need for o in n.output):
+                keep.append(n)
+                need.update(i for i in n.input if i)
+        del proto.graph.node[:]
+        proto.graph.node.extend(reversed(keep))
     sess = open_session(proto, fusions=True, priority_order=True)
     # probes reduce over the batch: the padding rows of a fixed-batch model repeat a sample and change no min/max
     for _, _, res in run_batches(sess, names, feed, batch, trim=False):
         on_batch(res)
 
 
-def strided_probe(proto: onnx.ModelProto, src: str, name: str, spatial, opset: int) -> str:
-    """Add a node giving ``src`` (N, C, H, W) at every k-th row and column, k from
-    ``calibrators.subsample_step`` (``src`` itself when k = 1, for other ranks, or before
-    opset 10): the sample a histogram calibration reads, a bounded share of each map."""
-    from .core.calibrators import subsample_step
-    if spatial is None or len(spatial) != 2 or opset < 10:
-        return src
-    k = subsample_step(int(spatial[0]) * int(spatial[1]))
-    if k == 1:
+def strided_probe(proto: onnx.ModelProto, src: str, name: str, opset: int, k: int) -> str:
+    """Add a node giving ``src`` (N, C, H, W) at every k-th row and column (``src`` itself when
+    k = 1 or before opset 10): the sample a histogram calibration reads."""
+    if k == 1 or opset < 10:
         return src
     init = lambda n, v: proto.graph.initializer.append(
         onnx.helper.make_tensor(n, onnx.TensorProto.INT64, [len(v)], v))

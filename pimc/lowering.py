@@ -48,14 +48,19 @@ class _Emitter:
         return y
 
     def conv_attrs(self, group: int) -> dict:
-        p = self.plan
-        kh, kw = p.kernel
-        a = {"kernel_shape": [kh, kw], "strides": list(p.strides), "dilations": list(p.dilations), "group": int(group)}
-        if p.auto_pad and p.auto_pad != "NOTSET":
-            a["auto_pad"] = p.auto_pad
-        else:
-            a["pads"] = list(p.pads)
-        return a
+        return conv_attributes(self.plan, group)
+
+
+def conv_attributes(p: LayerPlan, group: int) -> dict:
+    """The Conv attributes of layer ``p``'s convolutions (its kernel, strides, pads, dilations)
+    with ``group`` groups."""
+    kh, kw = p.kernel
+    a = {"kernel_shape": [kh, kw], "strides": list(p.strides), "dilations": list(p.dilations), "group": int(group)}
+    if p.auto_pad and p.auto_pad != "NOTSET":
+        a["auto_pad"] = p.auto_pad
+    else:
+        a["pads"] = list(p.pads)
+    return a
 
 
 def float_affine(plan: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
@@ -89,7 +94,7 @@ def _build(em: _Emitter, p: LayerPlan) -> None:
         h = x
         if p.input_quant is not None:
             iq = p.input_quant
-            q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], "q_in",
+            q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], N.QUANTIZE_INPUT,
                       {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
             h = em.op("Mul", [q, em.const("in_scale_deq", np.float32(iq.scale))], "x_fakequant")
         need_affine = p.bn_output is not None
@@ -102,7 +107,7 @@ def _build(em: _Emitter, p: LayerPlan) -> None:
             y = em.op("Add", [y, em.const("bn_shift", shift.reshape(1, -1, 1, 1))], "bn_add", out=final)
     else:
         iq, wq = p.input_quant, p.weight_quant
-        q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], "q_in",
+        q = em.op("QuantizeInput", [x, em.const("in_scale", np.float32(iq.scale))], N.QUANTIZE_INPUT,
                   {"bits": iq.bits, "signed": int(iq.signed)}, DOMAIN)
         acc = _integer_core(em, p, q)
         out_scale, _ = output_affine(iq.scale, wq.scale, scale, None, None, p.output_rescale)

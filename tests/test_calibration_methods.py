@@ -227,3 +227,35 @@ def test_cli_bad_calibration_and_layer_rules(tmp_path, capsys):
     assert not out.exists()
     assert main(base + ["--act-calib", "percentile:99.9", "--adc-calib", "mse", "--digital-layers", "last", "-q"]) == 0
     assert read_mapping(onnx.load(out), "o").layers[1].scheme == "digital"
+
+
+def test_sampled_adc_calibration_equals_the_full_run(tmp_path, monkeypatch):
+    """calibrate_sampled (strided array convs, digital accumulators) reads exactly the partial sums
+    the full sliced model gives at every k-th row and column: the same ranges as the full run,
+    here with k = 4 (16x16 maps), for every histogram method and a bit-serial scheme."""
+    from pimc.passes import insert_adc
+    w1 = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w2 = RNG.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1], strides=[2, 2]),
+         helper.make_node("Relu", ["a"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 32, 32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 16, 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    src = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = RNG.standard_normal((24, 4, 32, 32)).astype(np.float32)
+    used = []
+    real = insert_adc.calibrate_sampled
+    monkeypatch.setattr(insert_adc, "calibrate_sampled", lambda *a: used.append(1) or real(*a))
+    for m in ("percentile:99", "mse", "entropy"):
+        kw = dict(scheme="bit-serial+differential", weight_bits=4, input_bits=3, adc_bits=3, calib_inputs=x,
+                  adc_range="calibrated", adc_calib=m, array_rows=20)
+        fast = compile_model(src, **kw)
+        assert used and insert_adc.sample_step(fast.pim.layers["c2"]) == 4
+        with monkeypatch.context() as mp:
+            mp.setattr(insert_adc, "calibrate_sampled", insert_adc.calibrate_ranges)
+            full = compile_model(src, **kw)
+        for a, b in zip(fast.mapping["layers"], full.mapping["layers"]):
+            assert a["adc"]["step"] == b["adc"]["step"] and a["adc"]["zero_point"] == b["adc"]["zero_point"], m
+        assert fast.mapping["layers"][1]["adc"]["calibration"] == m

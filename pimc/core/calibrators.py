@@ -19,7 +19,7 @@ Methods (``METHOD[:P]``):
 ``mse``
     the range ``a * [lo, hi]`` (``a`` in (0, 1], ``[lo, hi]`` the observed range) whose
     quantizer gives the least mean squared error over the histogram, searched per tensor
-    or per column (a coarse grid of 40 factors, then 24 around the best);
+    or per column (a coarse grid of 32 factors, then 16 around the best);
 ``entropy``
     the same search, minimising the KL divergence between the clipped distribution and
     its quantized version (the TensorRT / onnxruntime ``entropy`` calibrator's criterion:
@@ -100,7 +100,7 @@ class Histograms:
         if bins % 4:
             raise ValueError("bins must be a multiple of 4")
         self.bins, self.half, self.integer = bins, bins // 2, integer
-        self.counts = np.zeros((columns, bins), np.int64)
+        self.counts = np.zeros((columns, bins), np.int64 if bins * columns < 2 ** 22 else np.int32)
         self.width = np.zeros(columns)          # 0: not set yet
         self.lo = np.full(columns, np.inf)
         self.hi = np.full(columns, -np.inf)
@@ -108,12 +108,14 @@ class Histograms:
     def _fits(self, lo, hi, w):
         return (hi < self.half * w) & (lo >= -self.half * w)
 
-    def update(self, x: np.ndarray) -> None:
-        """Add samples ``x`` of shape (columns, m)."""
+    def update(self, x: np.ndarray, axis: int = 0) -> None:
+        """Add samples ``x``: the columns along ``axis`` (e.g. (columns, m), or an (N, C, H, W)
+        map with ``axis=1``), every other entry a sample of its column."""
         x = np.asarray(x)
         if x.size == 0:
             return
-        lo, hi = x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        lo, hi = x.min(axis=others).astype(np.float64), x.max(axis=others).astype(np.float64)
         self.lo, self.hi = np.minimum(self.lo, lo), np.maximum(self.hi, hi)
         new = self.width == 0
         if new.any():
@@ -130,10 +132,30 @@ class Histograms:
             c[:, self.half // 2: self.half // 2 + self.bins // 2] = merged
             self.counts[grow] = c
             self.width[grow] *= 2
-        idx = np.floor(x / self.width[:, None].astype(x.dtype if x.dtype.kind == "f" else np.float64))
-        idx = np.clip(idx.astype(np.int64) + self.half, 0, self.bins - 1)
-        idx += (np.arange(len(x), dtype=np.int64) * self.bins)[:, None]
-        self.counts += np.bincount(idx.ravel(), minlength=self.counts.size).reshape(self.counts.shape)
+        shape = [1] * x.ndim
+        shape[axis] = len(self.width)
+        small = self.counts.size < 2 ** 31
+        kt = np.int32 if small else np.int64
+        base = (np.arange(len(self.width), dtype=kt) * self.bins + self.half).reshape(shape)
+        if self.integer:   # integer values, power-of-two widths >= 1: floor division is a shift, exact
+            shift = np.log2(self.width).astype(kt).reshape(shape)
+            idx = np.right_shift(x.astype(kt), shift)
+            idx += base
+        else:
+            idx = np.floor(x / self.width.reshape(shape).astype(x.dtype if x.dtype.kind == "f" else np.float64))
+            idx = idx.astype(kt)
+            idx += base
+            np.maximum(idx, base - self.half, out=idx)   # float rounding at the edges stays in the column's bins
+            np.minimum(idx, base + self.half - 1, out=idx)
+        self.counts += np.bincount(idx.ravel(), minlength=self.counts.size).reshape(self.counts.shape).astype(
+            self.counts.dtype)   # int32 for many columns (memory): counts stay far below 2^31
+
+    def rows(self, sel) -> "Histograms":
+        """A view of some rows (columns) as a Histograms of their own."""
+        out = Histograms.__new__(Histograms)
+        out.bins, out.half, out.integer = self.bins, self.half, self.integer
+        out.counts, out.width, out.lo, out.hi = self.counts[sel], self.width[sel], self.lo[sel], self.hi[sel]
+        return out
 
     def values(self) -> np.ndarray:
         """(columns, bins) value each bin stands for: its centre (integer data: the mean of
@@ -229,14 +251,14 @@ def _search(v, counts, lo0, hi0, grid, bits, loss):
     """Per row: the factor a in (0, 1] of the range a*[lo0, hi0] with the least loss."""
     best_a = np.ones(len(v))
     best = loss(v, counts, lo0, hi0, grid, bits)
-    coarse = np.linspace(1.0 / 40, 1.0, 40)
+    coarse = np.linspace(1.0 / 32, 1.0, 32)
     for a in coarse[:-1]:
         e = loss(v, counts, a * lo0, a * hi0, grid, bits)
         better = e < best
         best, best_a = np.where(better, e, best), np.where(better, a, best_a)
     step = coarse[1] - coarse[0]
     centre = best_a.copy()
-    for f in np.linspace(-1, 1, 24):
+    for f in np.linspace(-1, 1, 16):
         a = np.clip(centre + f * step, 1e-3, 1.0)
         e = loss(v, counts, a * lo0, a * hi0, grid, bits)
         better = e < best
@@ -265,9 +287,13 @@ def activation_ranges(h: Histograms, method: CalibMethod, bits: int) -> tuple[np
     return np.where(signed, -t, 0.0), t
 
 
-def adc_ranges(h: Histograms, method: CalibMethod, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def adc_ranges(h: Histograms, method: CalibMethod, bits: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per histogram row (ADC column): the partial-sum range [lo, hi] (widened to contain 0)
-    that ``planning.adc_params`` turns into the column's step and zero point."""
+    that ``planning.adc_params`` turns into the column's step and zero point; searched
+    ``block`` columns at a time (bounded memory)."""
+    if len(h.counts) > block:
+        parts = [adc_ranges(h.rows(slice(i, i + block)), method, bits, block) for i in range(0, len(h.counts), block)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     lo0, hi0 = np.minimum(h.lo, 0), np.maximum(h.hi, 0)
     if method.name == "max":
         return lo0, hi0
@@ -285,4 +311,4 @@ def adc_ranges(h: Histograms, method: CalibMethod, bits: int) -> tuple[np.ndarra
 def subsample_step(spatial: int, per_sample: int = 64) -> int:
     """Stride over each spatial axis that keeps about ``per_sample`` positions of a
     ``spatial``-position feature map (1 when it is small)."""
-    return max(1, int(math.floor(math.sqrt(spatial / per_sample))))
+    return max(1, int(round(math.sqrt(spatial / per_sample))))
