@@ -55,7 +55,7 @@ _COMPILE_OPTIONS = [
     click.option("--tile-mode", type=click.Choice(TILE_MODES), help="channel: whole kernels per array, floor(R/(kh*kw)) "
                   f"input channels per tile; row: exactly R rows per tile, kernels may straddle arrays.  [default: {_D.tile_mode}]"),
     click.option("--adc-range", type=click.Choice(ADC_RANGES), help="full: worst-case partial-sum range per column (never "
-                  "clips); calibrated: per-column min/max over the calibration data; auto: calibrated when real "
+                  "clips); calibrated: per-column range from the calibration data, by --adc-calib; auto: calibrated when real "
                   "calibration data is given (--calib-data, or the calibration images of eval/sweep), else full.  "
                   f"[default: {_D.adc_range}]"),
     click.option("--calib-samples", type=int, help=f"Use at most this many calibration samples.  [default: {_D.calib_samples}]"),
@@ -64,7 +64,7 @@ _COMPILE_OPTIONS = [
                   "the least quantization MSE), entropy (least KL divergence, as TensorRT).  Histograms stream over the "
                   f"calibration data (README: Calibration).  [default: {_D.act_calib}]"),
     click.option("--adc-calib", metavar="METHOD[:P]", help="How each ADC column's partial-sum range is calibrated (with "
-                  "--adc-range calibrated): max (observed min/max), percentile[:P] (tails of (100-P)/2 %% cut on each "
+                  "--adc-range calibrated): max (observed min/max), percentile[:P] (tails of (100-P)/2 % cut on each "
                   f"side), mse, entropy, searched per column.  [default: {_D.adc_calib}]"),
     click.option("--digital-layers", metavar="LIST", help="Keep these layers digital (quantized, no arrays, no ADC): "
                   "comma list of ONNX node names or globs (e.g. '/layer1/*'), weight names, and first / last (the "

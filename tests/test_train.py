@@ -351,3 +351,31 @@ def test_cli_train_refuses_test_images_in_training(train_setup, capsys):
     np.savez(t / "d.npz", x_train=xtr, y_train=z["y_train"], x_test=z["x_test"], y_test=z["y_test"])
     assert main(_train_args(t, "--epochs", "0.2")) == 2
     assert "1 of the test images also appear" in capsys.readouterr().err
+
+
+def test_per_layer_rules_train_and_deploy_alike():
+    """Per-layer rules (first layer digital, one layer native among differential ones, histogram
+    calibration): torch eval == the deployed IR bit for bit.  A float layer (the classifier) is
+    the module's own: equal up to float rounding (torch's Linear and onnxruntime's 1x1 Conv sum
+    in different orders)."""
+    import pimc.core.config as C
+    x = data()
+    for float_last in (False, True):
+        net = make_net()   # prepare swaps the module's layers in place
+        rules = ({"match": ["conv2*"], "scheme": "native", "adc_bits": 5},)
+        rules += ({"match": ["last"], "scheme": "float"},) if float_last else ()
+        res = compiled(net, scheme="differential", weight_bits=4, input_bits=4, adc_bits=4, array_rows=18,
+                       digital_layers="first", layer_overrides=rules, act_calib="mse", adc_calib="mse")
+        schemes = [L["scheme"] for L in res.mapping["layers"]]
+        assert schemes[0] == "digital" and "native" in schemes and "differential" in schemes
+        assert (schemes[-1] == "float") == float_last
+        qm = T.prepare(net, res)
+        assert len(qm.layers) == len(schemes) - float_last
+        for cfg in (None, CHIP):
+            qm.set_chip(cfg)
+            got, want = torch_eval(qm, x), ort(res.model, x, cfg)
+            if float_last:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            else:
+                assert np.array_equal(got, want), cfg
+        assert C.layer_rules(res.pim.config)[-1]["where"] == "--digital-layers first"

@@ -302,10 +302,20 @@ def adc_ranges(h: Histograms, method: CalibMethod, bits: int, block: int = 4096)
         tail = (100.0 - method.percentile) / 200.0
         lo = np.maximum(np.minimum(_weighted_quantile(v, h.counts, tail), 0), lo0)
         hi = np.minimum(np.maximum(_weighted_quantile(v, h.counts, 1 - tail), 0), hi0)
-        return lo, hi
-    loss = _mse if method.name == "mse" else _kl
-    a = _search(v, _entropy_counts(h) if method.name == "entropy" else h.counts, lo0, hi0, _adc_grid, bits, loss)
-    return a * lo0, a * hi0
+    else:
+        loss = _mse if method.name == "mse" else _kl
+        a = _search(v, _entropy_counts(h) if method.name == "entropy" else h.counts, lo0, hi0, _adc_grid, bits, loss)
+        lo, hi = a * lo0, a * hi0
+    return _with_spare_levels(lo, hi, bits)
+
+
+def _with_spare_levels(lo, hi, bits):
+    """A range that spans fewer than the 2^b - 1 steps of a unit-step ADC, widened to use them
+    all, the spare levels split between both sides: the histogram methods read a sample, and
+    a column that the sample shows to be lossless must stay lossless on the values it missed."""
+    spare = np.maximum((2 ** bits - 1) - np.floor(hi - lo), 0)
+    below = np.floor(spare / 2)
+    return lo - below, hi + (spare - below)
 
 
 def subsample_step(spatial: int, per_sample: int = 64) -> int:

@@ -41,8 +41,8 @@ class CompileConfig:
     adc_range: str = "auto"  # auto: calibrated with real calibration data, else full (see resolved())
     calib_data: str | None = None
     calib_samples: int = 256
-    act_calib: str = "max"   # activation range calibration: max | percentile[:P] | mse | entropy
-    adc_calib: str = "max"   # ADC column range calibration (adc_range calibrated), same methods
+    act_calib: str = "mse"   # activation range calibration: max | percentile[:P] | mse | entropy (measured: docs/results/calibration-methods.md)
+    adc_calib: str = "mse"   # ADC column range calibration (adc_range calibrated), same methods
     fold_bn: str = "weights"
     seed: int = 0
     chunk_mib: int = 256  # bound on one chunk of per-array partial sums at batch 256
