@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from onnx import helper, numpy_helper
 
 from pimc.cli import main
+from pimc.core.config import build_config
 from pimc.core.calibrators import Histograms, activation_ranges, adc_ranges, parse_method
 from pimc.core.errors import PimcError
 from pimc.core.mapping import read_mapping
@@ -91,8 +92,12 @@ def test_entropy_is_near_onnxruntime_and_keeps_uniform_data_whole():
 
 def test_adc_ranges_integer_columns():
     """Integer partial sums: lossless columns stay whole under every method (the histogram methods
-    also spend the spare levels on margins), percentile cuts both tails evenly, max is the exact
-    range widened to 0, all deterministic."""
+    also spend the spare levels on margins, here all above 0, and on a signed column on both
+    sides), percentile cuts both tails evenly, max is the exact range widened to 0, all
+    deterministic."""
+    from pimc.core.calibrators import _with_spare_levels
+    lo, hi = _with_spare_levels(np.array([-3.0]), np.array([9.0]), 4)
+    assert (lo[0], hi[0]) == (-3, 12)
     s = np.round(RNG.normal(40, 12, (3, 50_000))).astype(np.float32)
     s[2] = RNG.integers(0, 10, 50_000)   # 10 levels: lossless at 4 bits
     h = Histograms(3, bins=512, integer=True)
@@ -102,8 +107,8 @@ def test_adc_ranges_integer_columns():
     assert np.array_equal(lo, np.minimum(s.min(1), 0)) and np.array_equal(hi, s.max(1))
     for m in ("percentile:99", "mse", "entropy"):
         lo2, hi2 = adc_ranges(h, parse_method(m, "t"), 4)
-        # the lossless column keeps its 10 levels, the 5 spare ones split around them (values the sample missed)
-        assert (lo2[2], hi2[2]) == (-3, 12), m
+        # the lossless column keeps its 10 levels, the spare ones above (it never goes negative)
+        assert (lo2[2], hi2[2]) == (0, 15), m
         assert np.all(hi2[:2] <= hi[:2]) and np.all(hi2[:2] > 40), m
         assert np.array_equal((lo2, hi2), adc_ranges(h, parse_method(m, "t"), 4)), m
     lo3, hi3 = adc_ranges(h, parse_method("percentile:99", "t"), 4)
@@ -169,6 +174,9 @@ def test_digital_layers_and_layer_tables_reach_the_ir(tmp_path):
     assert L["first_conv"]["rules"] == ["--digital-layers first"]
     assert L["second_conv"]["adc"]["bits"] == 5 and L["second_conv"]["scheme"] == "differential"
     hw = tmp_path / "hw.toml"
+    hw.write_text('[calibration]\nact_calib = "percentile:99.9"\nadc_calib = "entropy"\n')
+    c = build_config(hw=hw)
+    assert (c.act_calib, c.adc_calib) == ("percentile:99.9", "entropy")
     hw.write_text('[adc]\nbits = 6\n\n[[layer]]\nmatch = "second_*"\nadc_bits = 3\nscheme = "native"\n'
                   'adc_calib = "percentile:99"\n\n[[layer]]\nmatch = "w1"\nscheme = "float"\n')
     res = compile_model(src, hw=hw, calib_data=calib, act_calib="mse", adc_range="calibrated")

@@ -311,10 +311,13 @@ def adc_ranges(h: Histograms, method: CalibMethod, bits: int, block: int = 4096)
 
 def _with_spare_levels(lo, hi, bits):
     """A range that spans fewer than the 2^b - 1 steps of a unit-step ADC, widened to use them
-    all, the spare levels split between both sides: the histogram methods read a sample, and
-    a column that the sample shows to be lossless must stay lossless on the values it missed."""
+    all, the spare levels shared between the sides in proportion to their extent (a column
+    that never goes negative keeps them all above 0): the histogram methods read a sample,
+    and a column that the sample shows to be lossless must stay lossless on the values it
+    missed."""
     spare = np.maximum((2 ** bits - 1) - np.floor(hi - lo), 0)
-    below = np.floor(spare / 2)
+    ext = np.maximum(hi - lo, 1e-30)
+    below = np.floor(spare * (-lo) / ext)
     return lo - below, hi + (spare - below)
 
 
