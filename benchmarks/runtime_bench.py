@@ -24,7 +24,8 @@ cells, 128-row arrays and a 6-bit ideal ADC (activation scales calibrated on
 Sessions compared with each other run interleaved, batch by batch, so that the
 drift of a shared machine falls on both sides of a ratio alike.
 
-Targets: compiled/float time <= 1.5 x the MAC expansion factor; non-ideal
+Targets: compiled/float time <= 1.0 x the MAC expansion factor (issue 14; 0.5 x for bit planes
+times 1-bit cells); non-ideal
 <= 1.3 x ideal time; peak memory < 2 GiB at batch 256 for every scheme.
 """
 from __future__ import annotations
@@ -155,8 +156,9 @@ def main():
     print(f"float model              {r_float:9.1f} images/s   (the original model, default onnxruntime session)")
     print(f"compiled, native kernels {r_nat:9.1f} images/s   (top-1 on the first 1000 images: {100 * acc:.1f} %)")
     print(f"compiled/float time      {ratio:9.1f} x")
+    target = 0.5 if BENCH.get("cell_bits") == 1 and BENCH["scheme"].startswith("bit-serial") else 1.0
     print(f"MAC expansion factor     {expansion:9.1f} x   -> time ratio / expansion = {ratio / expansion:.2f} "
-          f"(target <= 1.5: {'OK' if ratio / expansion <= 1.5 else 'MISSED'})")
+          f"(target <= {target}: {'OK' if ratio / expansion <= target else 'MISSED'})")
     print(f"native vs function bodies ({nb} images): {r_nat_small:.1f} vs {r_body:.1f} images/s "
           f"({r_nat_small / r_body:.1f} x faster)")
     print(f"non-ideal ADC vs ideal ({nn} images): {r_noisy:.1f} vs {r_ideal_n:.1f} images/s -> time x{r_ideal_n / r_noisy:.2f} "
