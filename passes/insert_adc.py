@@ -17,9 +17,9 @@ the PIM model then equals the digital quantized model exactly).  The range
   data (computed with all layers digital, i.e. before any ADC), by
   ``config.adc_calib`` (``pimc.core.calibrators``: ``max`` = the exact min/max,
   ``percentile:P``, ``mse``, ``entropy`` from a streaming per-column histogram of
-  every k-th row and column of the partial-sum maps, about 64 positions per map,
-  plane and sample: ``calibrate_sampled`` computes only those partial sums), widened
-  to include 0.
+  every k-th row and column of the partial-sum maps, about ADC_POSITIONS positions
+  per map and plane, of the first samples giving ADC_SAMPLES per column:
+  ``calibrate_sampled`` computes only those partial sums), widened to include 0.
 
 A layer of a frozen plan (``compile_model(plan=...)``, ``--plan``) keeps the given
 Delta and z per column instead (range ``frozen``: the span they cover at this
@@ -145,15 +145,20 @@ def sample_step(p) -> int:
     return subsample_step(int(sp[0]) * int(sp[1]), ADC_POSITIONS)
 
 
+def sampled_positions(p) -> int:
+    """Output positions per map the ADC histograms of layer ``p`` read (every ``sample_step``-th
+    row and column; 1 for fc layers)."""
+    sp = p.out_spatial() if p.kind == "conv" else None
+    if not sp:
+        return 1
+    k = sample_step(p)
+    return (-(-sp[0] // k)) * (-(-sp[1] // k))
+
+
 def histogram_samples(plans, n: int) -> int:
     """How many of the ``n`` calibration samples the ADC histograms read: the fewest that give
     every column about ADC_SAMPLES partial sums (planes x positions per sample)."""
-    def per_sample(p):
-        sp = p.out_spatial() if p.kind == "conv" else None
-        k = sample_step(p)
-        pos = (-(-sp[0] // k)) * (-(-sp[1] // k)) if sp else 1
-        return p.n_planes * pos
-    least = min((per_sample(p) for p in plans), default=1)
+    least = min((p.n_planes * sampled_positions(p) for p in plans), default=1)
     return int(min(n, max(1, -(-ADC_SAMPLES // least))))
 
 
@@ -164,7 +169,6 @@ def calibrate_ranges(model: PimModel, plans, methods: dict, bits: dict) -> dict:
     partial sums; ``bits[name]``: the layer's ADC bits."""
     keys = [(p, ci, chunk) for p in plans for ci, chunk in enumerate(layer_chunks(p))]
     wants = [methods[p.name].needs_histogram for p, _, _ in keys]
-    n = len(next(iter(calibration_inputs(model).values())))
 
     def probes(proto: onnx.ModelProto):
         names = []
@@ -215,15 +219,15 @@ def calibration_batch(plans, sampled: bool = False, budget_mib: int = 64) -> int
     per_sample = 0
     total = 0
     for p in plans:
-        sp = p.out_spatial() if p.kind == "conv" else [1, 1]
+        sp = p.out_spatial() if p.kind == "conv" else None
+        positions = int(np.prod(sp or [1, 1]))
         if sampled and sp:
-            k = sample_step(p)
-            sp = [-(-sp[0] // k), -(-sp[1] // k)]
+            positions = sampled_positions(p)
             # the gathered bit planes the sampled array convolutions read, whole maps
             per_sample = max(per_sample, p.n_planes * p.tiling.tiles_per_group * p.tiling.channels_per_tile
                              * p.group * int(np.prod(p.in_spatial or [1, 1])))
-        per_sample = max(per_sample, p.n_planes * p.n_columns * int(np.prod(sp or [1, 1])))
-        total += p.n_planes * p.n_columns * int(np.prod(sp or [1, 1]))
+        per_sample = max(per_sample, p.n_planes * p.n_columns * positions)
+        total += p.n_planes * p.n_columns * positions
     if sampled:   # every layer's sampled partial sums come back from one run
         per_sample = max(per_sample, total)
     return int(min(64, max(1, budget_mib * 2 ** 20 // max(4 * per_sample, 1))))

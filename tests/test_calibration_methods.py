@@ -144,19 +144,25 @@ def test_bad_methods_are_one_line_errors(text, msg):
 
 # ---- on models --------------------------------------------------------------------
 
-def _two_layers(tmp_path):
+def _two_conv_model(hw=8, stride=1):
+    """Conv(4 -> 8, 3x3, ``stride``) 'first_conv' -> Relu -> Conv(8 -> 6, 3x3) 'second_conv' on
+    hw x hw inputs."""
     w1 = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
     w2 = RNG.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    out = hw // stride
     g = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w1"], ["a"], name="first_conv", pads=[1, 1, 1, 1]),
+        [helper.make_node("Conv", ["x", "w1"], ["a"], name="first_conv", pads=[1, 1, 1, 1], strides=[stride] * 2),
          helper.make_node("Relu", ["a"], ["r"], name="relu"),
          helper.make_node("Conv", ["r", "w2"], ["y"], name="second_conv", pads=[1, 1, 1, 1])],
-        "two", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 8, 8])],
+        "two", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, hw, hw])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, out, out])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _two_layers(tmp_path):
     p = tmp_path / "two.onnx"
-    onnx.save(m, p)
+    onnx.save(_two_conv_model(), p)
     np.save(tmp_path / "calib.npy", RNG.standard_normal((40, 4, 8, 8)).astype(np.float32))
     return p
 
@@ -244,16 +250,7 @@ def test_sampled_adc_calibration_equals_the_full_run(tmp_path, monkeypatch):
     the full sliced model gives at every k-th row and column: the same ranges as the full run,
     here with k = 4 (16x16 maps), for every histogram method and a bit-serial scheme."""
     from pimc.passes import insert_adc
-    w1 = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
-    w2 = RNG.standard_normal((6, 8, 3, 3)).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1], strides=[2, 2]),
-         helper.make_node("Relu", ["a"], ["r"], name="relu"),
-         helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])],
-        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 32, 32])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 16, 16])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    src = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    src = _two_conv_model(hw=32, stride=2)
     x = RNG.standard_normal((24, 4, 32, 32)).astype(np.float32)
     used = []
     real = insert_adc.calibrate_sampled
@@ -262,7 +259,7 @@ def test_sampled_adc_calibration_equals_the_full_run(tmp_path, monkeypatch):
         kw = dict(scheme="bit-serial+differential", weight_bits=4, input_bits=3, adc_bits=3, calib_inputs=x,
                   adc_range="calibrated", adc_calib=m, array_rows=20)
         fast = compile_model(src, **kw)
-        assert used and insert_adc.sample_step(fast.pim.layers["c2"]) == 4
+        assert used and insert_adc.sample_step(fast.pim.layers["second_conv"]) == 4
         with monkeypatch.context() as mp:
             mp.setattr(insert_adc, "calibrate_sampled", insert_adc.calibrate_ranges)
             full = compile_model(src, **kw)

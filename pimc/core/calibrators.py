@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import PimcError
-from .planning import adc_params
+from .planning import adc_params, input_steps
 
 METHODS = ("max", "percentile", "mse", "entropy")
 DEFAULT_PERCENTILE = 99.99
@@ -169,14 +169,8 @@ class Histograms:
 
 def _act_grid(lo, hi, bits):
     """(step, zero, levels) of the activation quantizer for range [lo, hi]:
-    ``planning.input_scale`` (signed when lo < 0)."""
-    signed = lo < 0
-    amax = np.maximum(np.abs(lo), np.abs(hi))
-    if bits > 1:
-        step = np.where(signed, amax / (2 ** (bits - 1) - 1), hi / (2 ** bits - 1))
-    else:
-        step = np.where(signed, amax, hi)
-    step = np.where(step > 0, step, 1.0)
+    ``planning.input_steps`` (signed when lo < 0)."""
+    step, signed = input_steps(lo, hi, bits)
     zero = np.where(signed, 2 ** (bits - 1), 0)
     return step, zero, 2 ** bits
 

@@ -172,14 +172,18 @@ def load_hw_file(path: str | Path) -> dict:
             continue
         if k not in types:
             raise PimcError(f"--hw: '{p}': unknown key '{k}'; known keys: {', '.join(sorted(types))}")
-        want = types[k]
-        if want is int and (not isinstance(v, int) or isinstance(v, bool)):
-            raise PimcError(f"--hw: '{p}': key '{k}' must be an integer, got {v!r}")
-        if want is str and not isinstance(v, str):
-            raise PimcError(f"--hw: '{p}': key '{k}' must be a string, got {v!r}")
+        _check_type(f"--hw: '{p}'", k, v, types[k])
     if "calib_data" in flat:
         flat["calib_data"] = str((p.parent / flat["calib_data"]).resolve()) if not Path(flat["calib_data"]).is_absolute() else flat["calib_data"]
     return flat
+
+
+def _check_type(where: str, k: str, v, want: type) -> None:
+    """A hardware-file value of the type its compile option takes, or a one-line error."""
+    if want is int and (not isinstance(v, int) or isinstance(v, bool)):
+        raise PimcError(f"{where}: key '{k}' must be an integer, got {v!r}")
+    if want is str and not isinstance(v, str):
+        raise PimcError(f"{where}: key '{k}' must be a string, got {v!r}")
 
 
 def _layer_tables(val, p: Path) -> tuple:
@@ -201,11 +205,7 @@ def _layer_tables(val, p: Path) -> tuple:
         for k, v in t.items():
             if k not in LAYER_KEYS:
                 raise PimcError(f"{where}: key '{k}' cannot be set per layer; per-layer keys: {', '.join(LAYER_KEYS)}")
-            want = types[k]
-            if want is int and (not isinstance(v, int) or isinstance(v, bool)):
-                raise PimcError(f"{where}: key '{k}' must be an integer, got {v!r}")
-            if want is str and not isinstance(v, str):
-                raise PimcError(f"{where}: key '{k}' must be a string, got {v!r}")
+            _check_type(where, k, v, types[k])
         if not t:
             raise PimcError(f"{where} ({', '.join(m)}) sets no option; per-layer keys: {', '.join(LAYER_KEYS)}")
         out.append({"match": [x.strip() for x in m], **t, "where": f"{where} (match {', '.join(m)})"})

@@ -37,14 +37,19 @@ def input_scale(lo: float, hi: float, bits: int) -> tuple[float, bool]:
     go negative, q in [0, 2^b-1], s = hi/(2^b-1); else signed two's complement,
     q in [-2^(b-1), 2^(b-1)-1], s = max|x|/(2^(b-1)-1) (max|x| at 1 bit).  A degenerate
     range gives s = 1.  The scale is rounded to float32 (as the IR stores it)."""
-    signed = lo < 0
-    if signed:
-        scale = max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1) if bits > 1 else max(abs(lo), abs(hi))
-    else:
-        scale = hi / (2 ** bits - 1)
-    if not np.isfinite(scale) or scale <= 0:
-        scale = 1.0
+    scale, signed = input_steps(np.float64(lo), np.float64(hi), bits)
     return float(np.float32(scale)), bool(signed)
+
+
+def input_steps(lo, hi, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``input_scale``'s rule over arrays of ranges (float64, not rounded): (step, signed) per
+    range; the calibration searches measure candidate ranges with it."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    signed = lo < 0
+    amax = np.maximum(np.abs(lo), np.abs(hi))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = np.where(signed, amax / (2 ** (bits - 1) - 1 if bits > 1 else 1), hi / (2 ** bits - 1))
+    return np.where(np.isfinite(step) & (step > 0), step, 1.0), signed
 
 
 def adc_params(s_min: np.ndarray, s_max: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
