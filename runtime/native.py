@@ -20,7 +20,9 @@ order:
    system's sources, and unpacks only its headers.
 
 Where no headers or no C++ compiler are found, pimc says so once on stderr and
-runs the function bodies.  ``PIMC_NATIVE=0`` disables the native library.
+runs the function bodies.  ``PIMC_NATIVE=0`` disables the native library;
+``PIMC_NATIVE_PORTABLE=1`` builds it without ``-march=native`` (no AVX: the portable
+loops, same values).
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ SOURCE = Path(__file__).parent / "native" / "pimc_ops.cc"
 # -ffp-contract=off keeps a*b+c unfused, as in the ONNX function bodies.  The cache
 # key includes the CPU's flags, so a shared cache never serves another CPU's build.
 FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared"]
+# PIMC_NATIVE_PORTABLE=1: build for the baseline x86-64 (or the compiler's default target)
+# instead, without AVX: the portable loops of every kernel (the tests compare the two builds).
+PORTABLE_FLAGS = ["-std=c++17", "-O3", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared"]
 HEADER = "onnxruntime_cxx_api.h"
 SYSTEM_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/usr/include", "/usr/local/include"]
 DEBIAN_SUITE, DEBIAN_PACKAGE = "trixie", "libonnxruntime-dev"
@@ -75,14 +80,15 @@ def build(force: bool = False) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise PimcError("no C++ compiler found (set CXX or install g++)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [str(inc), cxx, _cpu_flags()]).encode()).hexdigest()[:16]
+    flags = PORTABLE_FLAGS if os.environ.get("PIMC_NATIVE_PORTABLE", "0") == "1" else FLAGS
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags + [str(inc), cxx, _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / "native" / key / "libpimc_ops.so"
     if out.is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{inc}", str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, f"-I{inc}", str(SOURCE), "-o", tmp]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         os.unlink(tmp)

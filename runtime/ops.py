@@ -328,8 +328,72 @@ ADC_RECOMBINE_NONIDEAL = OpDef(
     adc_recombine_nonideal_np, uses=("AdcQuantizeNonIdeal", "Recombine"),
 )
 
+# ---------------------------------------------------------------- fused array op (runtime only)
+# Conv + AdcRecombine in one op.  The compiler never writes it: a native session rewrites each
+# layer chunk's array conv and ADC into it (pimc.runtime.fuse), so the native kernel multiplies
+# bytes with exact integer sums and converts every column while it is in cache.  Its body is
+# the two ops it replaces, so the rewritten model still runs anywhere.
+_CONV_ATTRS = "strides: ints = @strides, pads: ints = @pads, dilations: ints = @dilations, group: int = @group"
+
+
+def conv2d_np(x, w, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1):
+    """ONNX Conv (NCHW, no bias) in float64 on numpy arrays, rounded to float32 once: exact for
+    the integer partial sums of the IR (below 2^24), as onnxruntime's float32 Conv is."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    w = np.asarray(w, np.float64)
+    M, cg, kh, kw = w.shape
+    B, C, H, W = x.shape
+    oh = (H - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (W - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    out = np.zeros((B, M, oh, ow))
+    mg = M // group
+    for g in range(group):
+        xs = x[:, g * cg:(g + 1) * cg]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dilations[0]:i * dilations[0] + strides[0] * (oh - 1) + 1:strides[0],
+                           j * dilations[1]:j * dilations[1] + strides[1] * (ow - 1) + 1:strides[1]]
+                out[:, g * mg:(g + 1) * mg] += np.einsum("bchw,mc->bmhw", patch, w[g * mg:(g + 1) * mg, :, i, j])
+    return out.astype(np.float32)
+
+
+def _conv_adc_recombine_np(x, w, scale, zero_point, coef, *, bits, planes, groups, tiles, slices,
+                           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1):
+    return adc_recombine_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, coef, bits=bits,
+                            planes=planes, groups=groups, tiles=tiles, slices=slices)
+
+
+def _conv_adc_recombine_nonideal_np(x, w, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed,
+                                    planes, groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0),
+                                    dilations=(1, 1), group=1):
+    return adc_recombine_nonideal_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, gain,
+                                     offset, lut, coef, bits=bits, noise_sigma=noise_sigma, seed=seed, planes=planes,
+                                     groups=groups, tiles=tiles, slices=slices)
+
+
+CONV_ADC_RECOMBINE = OpDef(
+    "ConvAdcRecombine", ("x", "w", "scale", "zero_point", "coef"),
+    ("strides", "pads", "dilations", "group", "bits", "planes", "groups", "tiles", "slices"),
+    f"""
+  s = Conv <{_CONV_ATTRS}> (x, w)
+  y = {DOMAIN}.AdcRecombine <bits: int = @bits, {_RECOMBINE_ATTRS}> (s, scale, zero_point, coef)
+""",
+    _conv_adc_recombine_np, uses=("AdcRecombine",),
+)
+
+CONV_ADC_RECOMBINE_NONIDEAL = OpDef(
+    "ConvAdcRecombineNonIdeal", ("x", "w", "scale", "zero_point", "gain", "offset", "lut", "coef"),
+    ("strides", "pads", "dilations", "group", "bits", "noise_sigma", "seed", "planes", "groups", "tiles", "slices"),
+    f"""
+  s = Conv <{_CONV_ATTRS}> (x, w)
+  y = {DOMAIN}.AdcRecombineNonIdeal <bits: int = @bits, noise_sigma: float = @noise_sigma, seed: int = @seed, {_RECOMBINE_ATTRS}> (s, scale, zero_point, gain, offset, lut, coef)
+""",
+    _conv_adc_recombine_nonideal_np, uses=("AdcRecombineNonIdeal",),
+)
+
 OPS: dict[str, OpDef] = {op.name: op for op in (QUANTIZE_INPUT, BIT_PLANES, ADC_QUANTIZE, RECOMBINE,
-                                                ADC_QUANTIZE_NONIDEAL, ADC_RECOMBINE, ADC_RECOMBINE_NONIDEAL)}
+                                                ADC_QUANTIZE_NONIDEAL, ADC_RECOMBINE, ADC_RECOMBINE_NONIDEAL,
+                                                CONV_ADC_RECOMBINE, CONV_ADC_RECOMBINE_NONIDEAL)}
 
 
 def function_protos(names=None) -> list[onnx.FunctionProto]:

@@ -24,7 +24,7 @@ EXACTNESS_DISABLED_OPTIMIZERS = ("ConvMulFusion", "ConvAddFusion", "ConvBNFusion
 
 def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int = 0,
                  native: bool | None = None, fusions: bool = False, quiet: bool = False,
-                 priority_order: bool = False) -> ort.InferenceSession:
+                 priority_order: bool = False, fuse: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session on a PIM IR model (path, bytes or ModelProto).
 
     ``chip``: None or "ideal" (the compiled ideal model), "nonideal" (the
@@ -43,7 +43,9 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
     to whom a failing run is an answer).  ``priority_order``: onnxruntime's priority-based
     execution order, for calibration runs that reduce many large tensors to a few numbers
     (its default order kept every probed tensor of ResNet-20, bit-serial W8 with 1-bit cells,
-    alive to the end of the run: 7.9 GiB at batch 64 instead of 0.9 GiB).  Every pimc session
+    alive to the end of the run: 7.9 GiB at batch 64 instead of 0.9 GiB).  ``fuse``: with the
+    native library, each layer chunk's array conv and ADC run as one fused op with integer
+    arithmetic (pimc.runtime.fuse; same values); False keeps them apart.  Every pimc session
     is opened here.
     """
     from pimc.core.chip import CHIP_PRESETS, ChipConfig, build_chip_config
@@ -74,6 +76,9 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
         lib = native_library()
         if lib is not None:
             so.register_custom_ops_library(str(lib))
+            if fuse:
+                from .fuse import fuse_array_ops
+                proto, _ = fuse_array_ops(proto, source)
         elif native:
             raise PimcError("native kernels were requested but are unavailable (see the note above)")
     disabled = [] if fusions else list(EXACTNESS_DISABLED_OPTIMIZERS)

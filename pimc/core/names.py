@@ -18,8 +18,11 @@ DOMAIN_VERSION = 1
 ADC_OPS = frozenset({"AdcQuantize", "AdcRecombine", "AdcQuantizeNonIdeal", "AdcRecombineNonIdeal"})
 #: ops that recombine array columns (planes, tiles, slices) into output channels
 RECOMBINE_OPS = frozenset({"Recombine", "AdcRecombine", "AdcRecombineNonIdeal"})
+#: the fused array conv + ADC + recombination ops a native session rewrites chunks into
+#: (pimc.runtime.fuse; never written by the compiler)
+FUSED_ARRAY_OPS = frozenset({"ConvAdcRecombine", "ConvAdcRecombineNonIdeal"})
 #: ops that read the array MAC outputs (NCHW partial sums) directly
-ARRAY_READER_OPS = ADC_OPS | RECOMBINE_OPS
+ARRAY_READER_OPS = ADC_OPS | RECOMBINE_OPS | FUSED_ARRAY_OPS
 #: the non-ideal op that replaces each ideal ADC op on a chip
 NONIDEAL_OP = {"AdcQuantize": "AdcQuantizeNonIdeal", "AdcRecombine": "AdcRecombineNonIdeal"}
 #: the ONNX op computing a layer's array MACs

@@ -14,11 +14,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
 
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -380,18 +381,22 @@ struct NonIdeal {
   float top, ss;
   bool noisy, identity;
   std::vector<uint32_t> key, mixed_counter;
+  uint32_t seed_mix = 0;
   std::vector<float> tab;  // per column: the curve's output for s = 0 .. ntab-1 (convert_tabulated)
   int32_t ntab = 0;        // 0: no table
 
-  NonIdeal(Ort::KernelContext& ctx, const char* op, int64_t bits, int64_t seed, float sigma) {
-    auto s = ctx.GetInput(0);
-    sh = shape_of(s.GetTensorTypeAndShapeInfo().GetShape());
-    sp = s.GetTensorData<float>();
-    sc = col_param(ctx, 1, sh.cols, op, "scale");
-    zp = col_param(ctx, 2, sh.cols, op, "zero_point");
-    gn = col_param(ctx, 3, sh.cols, op, "gain");
-    of = col_param(ctx, 4, sh.cols, op, "offset");
-    auto lutv = ctx.GetInput(5);
+  // ``first``: the input index of ``scale`` (gain, offset, lut follow zero_point).  ``shape``:
+  // the partial sums' shape; ``data`` null when the partial sums are made later, a row at a
+  // time (the fused array op): then no keys are computed here (row_key) and no table is built.
+  NonIdeal(Ort::KernelContext& ctx, const char* op, int64_t bits, int64_t seed, float sigma, size_t first,
+           const std::vector<int64_t>& shape, const float* data) {
+    sh = shape_of(shape);
+    sp = data;
+    sc = col_param(ctx, first, sh.cols, op, "scale");
+    zp = col_param(ctx, first + 1, sh.cols, op, "zero_point");
+    gn = col_param(ctx, first + 2, sh.cols, op, "gain");
+    of = col_param(ctx, first + 3, sh.cols, op, "offset");
+    auto lutv = ctx.GetInput(first + 4);
     const float* lut = lutv.GetTensorData<float>();
     const int64_t L = lutv.GetTensorTypeAndShapeInfo().GetElementCount();
     top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
@@ -408,32 +413,38 @@ struct NonIdeal {
     }
     noisy = sigma > 0.0f;
     ss = sigma * 1.7320508f;
-    if (!identity && table_pays()) tabulate(ctx);
-    key.assign(sh.rows, 0);
+    seed_mix = mix32(static_cast<uint32_t>(seed));
     const int64_t row = sh.cols * sh.inner;
     if (noisy) {
-      const uint32_t ms = mix32(static_cast<uint32_t>(seed));
-      parallel(ctx, sh.rows, [&](int64_t r) {
-        // sum of floor(16 s) over the row's first kKeyValues values: four float64
-        // partial sums of integers, exact and so order-free
-        const float* __restrict in = sp + r * row;
-        const int64_t nk = std::min(row, kKeyValues);
-        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
-        int64_t i = 0;
-        for (; i + 4 <= nk; i += 4) {
-          a0 += std::floor(static_cast<double>(in[i]) * 16.0);
-          a1 += std::floor(static_cast<double>(in[i + 1]) * 16.0);
-          a2 += std::floor(static_cast<double>(in[i + 2]) * 16.0);
-          a3 += std::floor(static_cast<double>(in[i + 3]) * 16.0);
-        }
-        for (; i < nk; ++i) a0 += std::floor(static_cast<double>(in[i]) * 16.0);
-        const double acc = (a0 + a1) + (a2 + a3);
-        uint64_t mag = static_cast<uint64_t>(std::fmod(std::fabs(acc), 4294967296.0));
-        key[r] = mix32(static_cast<uint32_t>(mag) + ms);
-      });
       mixed_counter.resize(row);
       for (int64_t i = 0; i < row; ++i) mixed_counter[i] = mix32(static_cast<uint32_t>(i));
     }
+    if (sp == nullptr) return;
+    if (!identity && table_pays()) tabulate(ctx);
+    key.assign(sh.rows, 0);
+    if (noisy) parallel(ctx, sh.rows, [&](int64_t r) { key[r] = row_key(sp + r * row); });
+  }
+
+  NonIdeal(Ort::KernelContext& ctx, const char* op, int64_t bits, int64_t seed, float sigma)
+      : NonIdeal(ctx, op, bits, seed, sigma, 1, ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape(),
+                 ctx.GetInput(0).GetTensorData<float>()) {}
+
+  // The noise key of a row of partial sums: sum of floor(16 s) over its first kKeyValues
+  // values, in four float64 partial sums of integers (exact, so order-free).
+  uint32_t row_key(const float* __restrict in) const {
+    const int64_t nk = std::min(sh.cols * sh.inner, kKeyValues);
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    int64_t i = 0;
+    for (; i + 4 <= nk; i += 4) {
+      a0 += std::floor(static_cast<double>(in[i]) * 16.0);
+      a1 += std::floor(static_cast<double>(in[i + 1]) * 16.0);
+      a2 += std::floor(static_cast<double>(in[i + 2]) * 16.0);
+      a3 += std::floor(static_cast<double>(in[i + 3]) * 16.0);
+    }
+    for (; i < nk; ++i) a0 += std::floor(static_cast<double>(in[i]) * 16.0);
+    const double acc = (a0 + a1) + (a2 + a3);
+    uint64_t mag = static_cast<uint64_t>(std::fmod(std::fabs(acc), 4294967296.0));
+    return mix32(static_cast<uint32_t>(mag) + seed_mix);
   }
 
   // A table pays where most groups of eight values take its fast path (integral,
@@ -476,9 +487,14 @@ struct NonIdeal {
   // convert row r, column c into out (sh.inner values)
   template <typename Sink>
   void run(int64_t r, int64_t c, const Sink& out) const {
-    Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, key[r]};
+    run_column(sp + (r * sh.cols + c) * sh.inner, c, noisy ? key[r] : 0u, out);
+  }
+
+  // convert column c of a row whose key is ``rkey`` from ``in`` (sh.inner values) into out
+  template <typename Sink>
+  void run_column(const float* in, int64_t c, uint32_t rkey, const Sink& out) const {
+    Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, rkey};
     const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner : nullptr;
-    const float* in = sp + (r * sh.cols + c) * sh.inner;
     if (ntab > 0) {
       const float* t = tab.data() + c * ntab;
       if (noisy) convert_tabulated<true>(in, out, mc, sh.inner, col, pairs.data(), t, ntab);
@@ -696,6 +712,357 @@ struct AdcRecombineNonIdealKernel : NonIdealAttrs {
   }
 };
 
+// ------------------------------------------------------------------ ConvAdcRecombine (fused array op)
+// AdcRecombine(Conv(x, w), ...) (and its non-ideal twin) in one pass, for integer inputs
+// of at most 8 bits (unsigned, or signed shifted by +128) and integer cell weights in
+// [-128, 127]: per image, each plane's patches are packed as bytes, multiplied by the
+// weight columns with exact int32 accumulation (AVX-512 VNNI vpdpbusd where the CPU has it,
+// a portable loop otherwise: integer sums are exact, so both give the same values), and
+// each column is converted and added into the float64 accumulator of its output channel
+// while it is still in cache.  The partial sums equal the float Conv's (integers below
+// 2^24 are exact in float32), and the conversion and recombination are the code of
+// AdcRecombine, in the same order: the results are bit identical to the function body.
+struct ConvGeom {
+  int64_t C, H, W, M, Cg, KH, KW, G, Mg, K, Kq, OH, OW, N, NB;
+  int64_t sh, sw, ph, pw, dh, dw;
+};
+
+struct ConvAttrs {
+  int64_t group;
+  std::vector<int64_t> strides, pads, dilations;
+  explicit ConvAttrs(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    group = ki.GetAttribute<int64_t>("group");
+    strides = ki.GetAttributes<int64_t>("strides");
+    pads = ki.GetAttributes<int64_t>("pads");
+    dilations = ki.GetAttributes<int64_t>("dilations");
+  }
+};
+
+ConvGeom conv_geom(const std::vector<int64_t>& xs, const std::vector<int64_t>& ws, const ConvAttrs& a, const char* op) {
+  if (xs.size() != 4 || ws.size() != 4 || a.strides.size() != 2 || a.pads.size() != 4 || a.dilations.size() != 2)
+    ORT_CXX_API_THROW(std::string(op) + ": 2-D convolutions only (4-D x and w; strides, pads, dilations)",
+                      ORT_INVALID_ARGUMENT);
+  ConvGeom g{};
+  g.C = xs[1]; g.H = xs[2]; g.W = xs[3];
+  g.M = ws[0]; g.Cg = ws[1]; g.KH = ws[2]; g.KW = ws[3];
+  g.G = a.group;
+  if (g.G <= 0 || g.C != g.Cg * g.G || g.M % g.G != 0)
+    ORT_CXX_API_THROW(std::string(op) + ": x channels, w shape and group do not match", ORT_INVALID_ARGUMENT);
+  g.Mg = g.M / g.G;
+  g.K = g.Cg * g.KH * g.KW;
+  g.Kq = (g.K + 3) / 4;
+  g.sh = a.strides[0]; g.sw = a.strides[1];
+  g.ph = a.pads[0]; g.pw = a.pads[1];
+  g.dh = a.dilations[0]; g.dw = a.dilations[1];
+  g.OH = (g.H + a.pads[0] + a.pads[2] - g.dh * (g.KH - 1) - 1) / g.sh + 1;
+  g.OW = (g.W + a.pads[1] + a.pads[3] - g.dw * (g.KW - 1) - 1) / g.sw + 1;
+  if (g.OH <= 0 || g.OW <= 0) ORT_CXX_API_THROW(std::string(op) + ": empty output", ORT_INVALID_ARGUMENT);
+  g.N = g.OH * g.OW;
+  g.NB = (g.N + 15) / 16;
+  return g;
+}
+
+// Two ways of feeding the byte products, both reading 4 input bytes per int32 lane and 16
+// output pixels per 64-byte vector:
+// * direct (stride 1): the input plane is stored as [channel/4][padded row][padded column][4];
+//   pixel n' = oh * Wp + ow of a padded-width output row then reads, for kernel tap (i, j) and
+//   channel quad cq, the 64 contiguous bytes at ((cq * Hp + oh + i*dh) * Wp + ow + j*dw) * 4:
+//   no patch copy (the Wp - OW columns past each row are computed and dropped);
+// * patches (other strides): the patches are copied, a[(nb * Kq + kq) * 64 + lane * 4 + u] =
+//   input value k = 4 kq + u of output pixel n = 16 nb + lane.
+struct Plan {
+  bool direct;
+  int64_t Kq;            // 4-byte groups per weight row
+  int64_t Hp, Wp, Cgq;   // direct: padded plane, channel quads per group
+  int64_t NB;            // 16-pixel blocks computed
+  int64_t nb_stride;     // bytes between pixel blocks in the feed
+  int64_t feed_bytes;    // one group's feed
+  std::vector<int64_t> off;  // byte offset of each 4-byte group kq in the feed
+  int64_t pixel(int64_t oh, int64_t ow, const ConvGeom& g) const { return direct ? oh * Wp + ow : oh * g.OW + ow; }
+};
+
+Plan plan_of(const ConvGeom& g) {
+  Plan p{};
+  p.direct = g.sh == 1 && g.sw == 1;
+  if (p.direct) {
+    p.Cgq = (g.Cg + 3) / 4;
+    p.Hp = g.H + g.ph + (g.OH - 1 + g.dh * (g.KH - 1) + 1 - g.H - g.ph > 0 ? g.OH + g.dh * (g.KH - 1) - g.H - g.ph : 0);
+    p.Wp = g.W + g.pw + std::max<int64_t>(0, g.OW + g.dw * (g.KW - 1) - g.W - g.pw);
+    p.Hp = std::max(p.Hp, g.OH + g.dh * (g.KH - 1));
+    p.Kq = p.Cgq * g.KH * g.KW;
+    p.NB = ((g.OH - 1) * p.Wp + g.OW + 15) / 16;
+    p.nb_stride = 64;
+    p.off.resize(p.Kq);
+    for (int64_t cq = 0; cq < p.Cgq; ++cq)
+      for (int64_t i = 0; i < g.KH; ++i)
+        for (int64_t j = 0; j < g.KW; ++j)
+          p.off[(cq * g.KH + i) * g.KW + j] = ((cq * p.Hp + i * g.dh) * p.Wp + j * g.dw) * 4;
+    // the last block may read up to 16 pixels past the plane: slack after it
+    p.feed_bytes = p.Cgq * p.Hp * p.Wp * 4 + p.NB * 64 + 64;
+  } else {
+    p.Kq = g.Kq;
+    p.NB = g.NB;
+    p.nb_stride = g.Kq * 64;
+    p.off.resize(p.Kq);
+    for (int64_t kq = 0; kq < p.Kq; ++kq) p.off[kq] = kq * 64;
+    p.feed_bytes = p.NB * p.Kq * 64;
+  }
+  return p;
+}
+
+// The weights as bytes, [group][row][kq][4] in the plan's k order (zeros where no input is),
+// and each row's sum (for the +128 shift of signed inputs).
+struct PackedWeights {
+  std::vector<int8_t> w;
+  std::vector<int32_t> rowsum;
+  PackedWeights(const float* wf, const ConvGeom& g, const Plan& pl, const char* op)
+      : w(g.M * pl.Kq * 4, 0), rowsum(g.M, 0) {
+    for (int64_t m = 0; m < g.M; ++m)
+      for (int64_t k = 0; k < g.K; ++k) {
+        const float v = wf[m * g.K + k];
+        if (!(v >= -128.0f && v <= 127.0f) || v != std::nearbyint(v))
+          ORT_CXX_API_THROW(std::string(op) + ": weights must be integers in [-128, 127]", ORT_INVALID_ARGUMENT);
+        int64_t pos = k;
+        if (pl.direct) {
+          const int64_t c = k / (g.KH * g.KW), i = (k / g.KW) % g.KH, j = k % g.KW;
+          pos = ((c / 4) * g.KH * g.KW + i * g.KW + j) * 4 + c % 4;
+        }
+        w[m * pl.Kq * 4 + pos] = static_cast<int8_t>(v);
+        rowsum[m] += static_cast<int32_t>(v);
+      }
+  }
+};
+
+// The shift that makes an image plane bytes (0 when it holds no negative value, 128
+// otherwise), after checking that it holds integers that fit.
+int32_t plane_shift(const float* __restrict x, int64_t n, const char* op) {
+  float lo = 0.0f, hi = 0.0f;
+  bool integral = true;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+    integral = integral && x[i] == std::nearbyint(x[i]);
+  }
+  const int32_t shift = lo < 0.0f ? 128 : 0;
+  if (!integral || lo < -128.0f || hi > 255.0f - static_cast<float>(shift))
+    ORT_CXX_API_THROW(std::string(op) + ": inputs must be 8-bit integers (unsigned, or signed in [-128, 127])",
+                      ORT_INVALID_ARGUMENT);
+  return shift;
+}
+
+// Group grp's feed (see Plan) from the float plane x (C x H x W), each value + shift; padding
+// holds the shift (an input 0), k past the row and pixels past the plane whatever is there
+// (their weights are 0, their outputs dropped).
+void feed(const float* __restrict x, const ConvGeom& g, const Plan& pl, int64_t grp, int32_t shift,
+          uint8_t* __restrict a) {
+  const uint8_t pad = static_cast<uint8_t>(shift);
+  std::fill(a, a + pl.feed_bytes, pad);
+  if (pl.direct) {
+    for (int64_t c = 0; c < g.Cg; ++c) {
+      const float* src = x + (grp * g.Cg + c) * g.H * g.W;
+      uint8_t* dst = a + ((c / 4) * pl.Hp * pl.Wp) * 4 + c % 4;
+      for (int64_t ih = 0; ih < g.H; ++ih) {
+        uint8_t* d = dst + ((ih + g.ph) * pl.Wp + g.pw) * 4;
+        const float* sr = src + ih * g.W;
+        for (int64_t iw = 0; iw < g.W; ++iw) d[iw * 4] = static_cast<uint8_t>(static_cast<int32_t>(sr[iw]) + shift);
+      }
+    }
+    return;
+  }
+  const int64_t khw = g.KH * g.KW;
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t c = k / khw, i = (k / g.KW) % g.KH, j = k % g.KW;
+    const float* src = x + (grp * g.Cg + c) * g.H * g.W;
+    uint8_t* dst = a + (k >> 2) * 64 + (k & 3);
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const int64_t iw = ow * g.sw - g.pw + j * g.dw, n = oh * g.OW + ow;
+        if (iw >= 0 && iw < g.W)
+          dst[((n >> 4) * g.Kq) * 64 + (n & 15) * 4] = static_cast<uint8_t>(static_cast<int32_t>(src[ih * g.W + iw]) + shift);
+      }
+    }
+  }
+}
+
+// out[i * ld + 16 (nb0 + j) + lane] = sum over kq, u of feed(kq, pixel) * w(i, kq, u), for
+// rows i < MR and pixel blocks nb0 .. nb0 + NBK - 1.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kVnni = true;
+template <int MR, int NBK>
+inline void gemm_block(const uint8_t* __restrict a, const int8_t* __restrict w, const Plan& pl, int64_t nb0,
+                       int32_t* out, int64_t ld) {
+  __m512i acc[MR][NBK];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_setzero_si512();
+  const uint8_t* base = a + nb0 * pl.nb_stride;
+  const int64_t* off = pl.off.data();
+  for (int64_t kq = 0; kq < pl.Kq; ++kq) {
+    __m512i av[NBK];
+#pragma GCC unroll 4
+    for (int j = 0; j < NBK; ++j) av[j] = _mm512_loadu_si512(base + j * pl.nb_stride + off[kq]);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t wv;
+      std::memcpy(&wv, w + (i * pl.Kq + kq) * 4, 4);
+      const __m512i bw = _mm512_set1_epi32(wv);
+#pragma GCC unroll 4
+      for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[j], bw);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NBK; ++j) _mm512_storeu_si512(out + i * ld + (nb0 + j) * 16, acc[i][j]);
+}
+#else
+constexpr bool kVnni = false;
+template <int MR, int NBK>
+inline void gemm_block(const uint8_t* __restrict a, const int8_t* __restrict w, const Plan& pl, int64_t nb0,
+                       int32_t* out, int64_t ld) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NBK; ++j) {
+      int32_t acc[16] = {0};
+      const uint8_t* ab = a + (nb0 + j) * pl.nb_stride;
+      const int8_t* wr = w + i * pl.Kq * 4;
+      for (int64_t kq = 0; kq < pl.Kq; ++kq) {
+        const uint8_t* av = ab + pl.off[kq];
+        for (int lane = 0; lane < 16; ++lane)
+          for (int u = 0; u < 4; ++u)
+            acc[lane] += static_cast<int32_t>(av[lane * 4 + u]) * static_cast<int32_t>(wr[kq * 4 + u]);
+      }
+      std::memcpy(out + i * ld + (nb0 + j) * 16, acc, sizeof acc);
+    }
+}
+#endif
+
+template <int MR>
+void gemm_rows(const uint8_t* a, const int8_t* w, const Plan& pl, int32_t* out, int64_t ld) {
+  int64_t nb = 0;
+  for (; nb + 3 <= pl.NB; nb += 3) gemm_block<MR, 3>(a, w, pl, nb, out, ld);
+  if (pl.NB - nb == 2) gemm_block<MR, 2>(a, w, pl, nb, out, ld);
+  if (pl.NB - nb == 1) gemm_block<MR, 1>(a, w, pl, nb, out, ld);
+}
+
+// int32 products of Mg weight rows (from w) with a group's feed: out is Mg x (16 NB)
+void gemm(const uint8_t* a, const int8_t* w, int64_t Mg, const Plan& pl, int32_t* out) {
+  const int64_t ld = pl.NB * 16, wr = pl.Kq * 4;
+  int64_t m = 0;
+  for (; m + 8 <= Mg; m += 8) gemm_rows<8>(a, w + m * wr, pl, out + m * ld, ld);
+  switch (Mg - m) {
+    case 7: gemm_rows<7>(a, w + m * wr, pl, out + m * ld, ld); break;
+    case 6: gemm_rows<6>(a, w + m * wr, pl, out + m * ld, ld); break;
+    case 5: gemm_rows<5>(a, w + m * wr, pl, out + m * ld, ld); break;
+    case 4: gemm_rows<4>(a, w + m * wr, pl, out + m * ld, ld); break;
+    case 3: gemm_rows<3>(a, w + m * wr, pl, out + m * ld, ld); break;
+    case 2: gemm_rows<2>(a, w + m * wr, pl, out + m * ld, ld); break;
+    case 1: gemm_rows<1>(a, w + m * wr, pl, out + m * ld, ld); break;
+    default: break;
+  }
+}
+
+// Fused kernel body shared by the ideal and non-ideal ops.  ``begin_row(row)`` returns what
+// the conversions of a plane's partial-sum row need (the noise key); ``convert(in, n, col,
+// that, Accumulate)`` converts one column (n values) into the accumulator.
+template <typename Convert, typename Begin>
+void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const RecombineDims& d, size_t coef_input,
+                        const char* op, Begin&& begin_row, Convert&& convert) {
+  auto xv = ctx.GetInput(0);
+  auto wv = ctx.GetInput(1);
+  const auto xs = xv.GetTensorTypeAndShapeInfo().GetShape();
+  const ConvGeom g = conv_geom(xs, wv.GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
+  const Plan pl = plan_of(g);
+  const PackedWeights pw(wv.GetTensorData<float>(), g, pl, op);
+  const float* x = xv.GetTensorData<float>();
+  const float* coef = ctx.GetInput(coef_input).GetTensorData<float>();
+  int64_t B, coutg;
+  float* y = recombine_output(ctx, {xs[0], g.M, g.OH, g.OW}, d, op, B, coutg);
+  const int64_t cout = d.G * coutg, plane = g.C * g.H * g.W;
+  if (B * cout * g.N == 0) return;
+  parallel(ctx, B, [&](int64_t b) {
+    thread_local std::vector<uint8_t> a;
+    thread_local std::vector<int32_t> ci;
+    thread_local std::vector<float> srow;
+    thread_local std::vector<double> acc;
+    a.resize(pl.feed_bytes);
+    ci.resize(g.Mg * pl.NB * 16);
+    srow.resize(g.M * g.N);
+    acc.assign(cout * g.N, 0.0);
+    for (int64_t p = 0; p < d.P; ++p) {
+      const int64_t r = p * B + b;
+      const int32_t shift = plane_shift(x + r * plane, plane, op);
+      for (int64_t grp = 0; grp < g.G; ++grp) {
+        feed(x + r * plane, g, pl, grp, shift, a.data());
+        gemm(a.data(), pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci.data());
+        for (int64_t m = 0; m < g.Mg; ++m) {
+          const int32_t corr = shift * pw.rowsum[grp * g.Mg + m];
+          const int32_t* src = ci.data() + m * pl.NB * 16;
+          float* dst = srow.data() + (grp * g.Mg + m) * g.N;
+          for (int64_t oh = 0; oh < g.OH; ++oh) {
+            const int32_t* sr = src + pl.pixel(oh, 0, g);
+            for (int64_t ow = 0; ow < g.OW; ++ow) dst[oh * g.OW + ow] = static_cast<float>(sr[ow] - corr);
+          }
+        }
+      }
+      const auto state = begin_row(srow.data());
+      for (int64_t gg = 0; gg < d.G; ++gg)
+        for (int64_t t = 0; t < d.T; ++t)
+          for (int64_t s = 0; s < d.S; ++s) {
+            const double k = static_cast<double>(coef[p * d.S + s]);
+            const int64_t col0 = ((gg * d.T + t) * d.S + s) * coutg;
+            for (int64_t o = 0; o < coutg; ++o)
+              convert(srow.data() + (col0 + o) * g.N, g.N, col0 + o, state,
+                      Accumulate{acc.data() + (gg * coutg + o) * g.N, k});
+          }
+    }
+    float* out = y + b * cout * g.N;
+    for (int64_t i = 0; i < cout * g.N; ++i) out[i] = static_cast<float>(acc[i]);
+  });
+}
+
+struct ConvAdcRecombineKernel {
+  ConvAttrs attrs;
+  int64_t bits;
+  RecombineDims d;
+  ConvAdcRecombineKernel(const OrtApi&, const OrtKernelInfo* info)
+      : attrs(info), bits(Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits")), d(recombine_dims(info)) {}
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const char* op = "ConvAdcRecombine";
+    const int64_t cols = ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape()[0];
+    const ColParam sc = col_param(ctx, 2, cols, op, "scale"), zp = col_param(ctx, 3, cols, op, "zero_point");
+    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
+    conv_adc_recombine(
+        ctx, attrs, d, 4, op, [](const float*) { return 0u; },
+        [&](const float* in, int64_t n, int64_t c, uint32_t, const Accumulate& acc) {
+          adc_ideal(in, acc, n, sc.at(c), zp.at(c), top);
+        });
+  }
+};
+
+struct ConvAdcRecombineNonIdealKernel : NonIdealAttrs {
+  ConvAttrs attrs;
+  RecombineDims d;
+  ConvAdcRecombineNonIdealKernel(const OrtApi&, const OrtKernelInfo* info)
+      : NonIdealAttrs(info), attrs(info), d(recombine_dims(info)) {}
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const char* op = "ConvAdcRecombineNonIdeal";
+    const auto xs = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
+    const ConvGeom g = conv_geom(xs, ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
+    const NonIdeal ni(ctx, op, bits, seed, sigma, 2, {xs[0], g.M, g.OH, g.OW}, nullptr);
+    conv_adc_recombine(
+        ctx, attrs, d, 7, op, [&](const float* row) { return ni.noisy ? ni.row_key(row) : 0u; },
+        [&](const float* in, int64_t, int64_t c, uint32_t key, const Accumulate& acc) {
+          ni.run_column(in, c, key, acc);
+        });
+  }
+};
+
 template <typename Kernel, int NIn>
 struct Op : Ort::CustomOpBase<Op<Kernel, NIn>, Kernel> {
   const char* name;
@@ -720,6 +1087,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   static Op<RecombineKernel, 2> recombine("Recombine");
   static Op<AdcRecombineKernel, 4> adc_recombine("AdcRecombine");
   static Op<AdcRecombineNonIdealKernel, 7> adc_recombine_nonideal("AdcRecombineNonIdeal");
+  static Op<ConvAdcRecombineKernel, 5> conv_adc_recombine("ConvAdcRecombine");
+  static Op<ConvAdcRecombineNonIdealKernel, 8> conv_adc_recombine_nonideal("ConvAdcRecombineNonIdeal");
   static Ort::CustomOpDomain domain{"ai.pimc"};
   static std::once_flag once;
   OrtStatus* status = nullptr;
@@ -732,6 +1101,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       domain.Add(&recombine);
       domain.Add(&adc_recombine);
       domain.Add(&adc_recombine_nonideal);
+      domain.Add(&conv_adc_recombine);
+      domain.Add(&conv_adc_recombine_nonideal);
     });
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {
@@ -740,4 +1111,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   return status;
 }
 
-extern "C" const char* PimcNativeVersion() { return "pimc-native 1"; }
+extern "C" const char* PimcNativeVersion() { return "pimc-native 2"; }
+
+// The integer product the fused array ops use: "vnni" (AVX-512 VNNI) or "portable".
+extern "C" const char* PimcNativeIsa() { return kVnni ? "vnni" : "portable"; }

@@ -1,0 +1,102 @@
+"""The fused array op: a native session's rewrite of each array conv and its ADC.
+
+Contract.  Accepts a compiled (final) PIM IR model, ideal or instantiated for a chip.
+Guarantees: every layer chunk whose array conv (``Conv``, the mapping's ``array_mac``
+node) feeds only its ``AdcRecombine`` / ``AdcRecombineNonIdeal`` node, whose inputs are
+integers of at most 8 bits (the layer's ``input_quant.bits`` <= 8, or 1-bit planes) and
+whose cell weights are integers in [-128, 127] (a chip's device variation makes them
+non-integer: those chunks stay as they are), becomes one ``ConvAdcRecombine`` /
+``ConvAdcRecombineNonIdeal`` node computing the same values (runtime/ops.py: its body
+is the two ops).  Everything else is untouched; the model's metadata is kept, so the
+mapping still describes the layers.  The compiler never writes the fused op: the IR
+on disk stays Conv + ADC, which any onnxruntime runs.
+
+The layer mapping (``pimc.mapping``) is the only guide: no graph search.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from pimc.core import names as N
+from pimc.core.mapping import read_mapping
+
+from .ops import DOMAIN, function_protos
+
+FUSED = {"AdcRecombine": "ConvAdcRecombine", "AdcRecombineNonIdeal": "ConvAdcRecombineNonIdeal",
+         "AdcQuantize": "ConvAdcRecombine", "AdcQuantizeNonIdeal": "ConvAdcRecombineNonIdeal"}
+# A chunk without recombination (one plane, tile and slice) fuses as a recombination of one
+# term with coefficient 1 (exact: float64(v) * 1 rounds back to v).
+ONE = "pimc/fuse/coef_one"
+
+
+def _integer_bytes(w: np.ndarray) -> bool:
+    return bool(np.all(w == np.round(w)) and w.min(initial=0) >= -128 and w.max(initial=0) <= 127)
+
+
+def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.ModelProto, int]:
+    """(a copy of ``model`` with fused array ops, how many chunks were fused)."""
+    if not any(p.key == "pimc.mapping" for p in model.metadata_props):
+        return model, 0
+    mapping = read_mapping(model, source)
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    fuse: dict[str, tuple] = {}   # conv node name -> (conv, adc)
+    for L in mapping.layers:
+        if L.adc is None or L.input_quant is None or L.slicing is None:
+            continue
+        if not (L.slicing.planes > 1 or L.slicing.bit_serial or L.input_quant.bits <= 8):
+            continue
+        for chunk in L.chunk_list:
+            conv = nodes.get(N.node(L.name, N.ARRAY_MAC, chunk.suffix))
+            adc = nodes.get(N.node(L.name, N.ADC, chunk.suffix))
+            if conv is None or adc is None or conv.op_type != N.ARRAY_MAC_OP or conv.domain not in ("", "ai.onnx"):
+                continue
+            if adc.domain != DOMAIN or adc.op_type not in FUSED or adc.input[0] != conv.output[0]:
+                continue
+            if len(conv.input) > 2 and conv.input[2] or conv.output[0] in outputs or readers[conv.output[0]] != 1:
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+            if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or conv.input[1] not in inits:
+                continue
+            w = numpy_helper.to_array(inits[conv.input[1]])
+            if w.ndim != 4 or not _integer_bytes(w):
+                continue
+            fuse[conv.name] = (conv, adc, attrs)
+    if not fuse:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    drop = {adc.name for _, adc, _ in fuse.values()}
+    new_nodes = []
+    for n in out.graph.node:
+        if n.name in drop:
+            continue
+        if n.name not in fuse:
+            new_nodes.append(n)
+            continue
+        conv, adc, attrs = fuse[n.name]
+        adc_attrs = {a.name: helper.get_attribute_value(a) for a in adc.attribute}
+        adc_inputs = list(adc.input[1:])
+        if adc.op_type not in N.RECOMBINE_OPS:
+            adc_attrs.update(planes=1, groups=int(attrs.get("group", 1)), tiles=1, slices=1)
+            adc_inputs.append(ONE)
+        new_nodes.append(helper.make_node(
+            FUSED[adc.op_type], [conv.input[0], conv.input[1], *adc_inputs], list(adc.output),
+            name=adc.name, domain=DOMAIN,
+            strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
+            dilations=list(attrs.get("dilations", [1, 1])), group=int(attrs.get("group", 1)), **adc_attrs))
+    if any(adc.op_type not in N.RECOMBINE_OPS for _, adc, _ in fuse.values()):
+        out.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1), np.float32), ONE))
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    have = {f.name for f in out.functions}
+    used = sorted({FUSED[adc.op_type] for _, adc, _ in fuse.values()})
+    out.functions.extend(f for f in function_protos(used) if f.name not in have)
+    return out, len(fuse)

@@ -1,0 +1,155 @@
+"""The fused array op (ConvAdcRecombine[NonIdeal]): native kernel == function body == numpy,
+over conv shapes, input and cell bits, planes, tiles and slices; the session rewrite keeps
+compiled models bit for bit; a portable (no AVX) build of the kernels gives the same values."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import pimc
+from helpers import conv_model
+from pimc.core.chip import build_chip_config, transfer_lut
+from pimc.core.mapping import read_mapping
+from pimc.runtime import ops
+from pimc.runtime.fuse import fuse_array_ops
+from pimc.runtime.native import native_library
+from pimc.runtime.session import open_session
+from test_runtime import one_op_model
+
+needs_native = pytest.mark.skipif(native_library() is None, reason="native kernels unavailable here "
+                                  "(no onnxruntime headers: run 'pimc native --fetch-headers')")
+
+
+@st.composite
+def fused_cases(draw):
+    P, G, T, S = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    coutg = draw(st.integers(1, 11))
+    cg = draw(st.integers(1, 9))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dil = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = [draw(st.integers(0, 2)) for _ in range(4)]
+    h = draw(st.integers(dil[0] * (kh - 1) + 1, 19))
+    w = draw(st.integers(dil[1] * (kw - 1) + 1, 19))
+    inputs = draw(st.sampled_from(["planes", "unsigned8", "signed8", "unsigned3", "signed4"]))
+    cell = draw(st.sampled_from([(0, 1), (-1, 1), (-8, 7), (0, 15), (-128, 127)]))
+    return dict(P=P if inputs == "planes" else 1, G=G, T=T, S=S, coutg=coutg, cg=cg, k=(kh, kw), stride=stride,
+                dil=dil, pads=pads, hw=(h, w), inputs=inputs, cell=cell, B=draw(st.integers(1, 3)),
+                bits=draw(st.integers(2, 8)), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _tensors(c):
+    rng = np.random.default_rng(c["seed"])
+    conv_groups = c["G"] * c["T"]
+    cols = conv_groups * c["S"] * c["coutg"]
+    lo, hi = {"planes": (0, 1), "unsigned8": (0, 255), "signed8": (-128, 127), "unsigned3": (0, 7),
+              "signed4": (-8, 7)}[c["inputs"]]
+    x = rng.integers(lo, hi + 1, (c["P"] * c["B"], conv_groups * c["cg"], *c["hw"])).astype(np.float32)
+    w = rng.integers(c["cell"][0], c["cell"][1] + 1, (cols, c["cg"], *c["k"])).astype(np.float32)
+    w[rng.random(w.shape) < 0.2] = 0   # padding slots and masked rows hold zeros
+    k = c["cg"] * c["k"][0] * c["k"][1]
+    smax = k * max(abs(lo), abs(hi)) * max(abs(c["cell"][0]), abs(c["cell"][1]))
+    scale = rng.uniform(0.5, max(1.0, smax / 2 ** c["bits"]), (1, cols, 1, 1)).astype(np.float32)
+    zp = np.round(rng.uniform(0, 2 ** c["bits"] - 1, (1, cols, 1, 1))).astype(np.float32)
+    coef = rng.choice([1, 2, 4, -8, -1, 16], (c["P"], c["S"])).astype(np.float32)
+    attrs = dict(strides=list(c["stride"]), pads=c["pads"], dilations=list(c["dil"]), group=conv_groups,
+                 bits=c["bits"], planes=c["P"], groups=c["G"], tiles=c["T"], slices=c["S"])
+    return rng, x, w, scale, zp, coef, attrs
+
+
+def _run_three(op, x, consts, attrs, numpy_args):
+    m = one_op_model(op, {"x": x}, consts, attrs)
+    body = open_session(m, native=False).run(None, {"x": x})[0]
+    nat = open_session(m, native=True).run(None, {"x": x})[0]
+    ref = ops.OPS[op].numpy(x, *numpy_args, **attrs)
+    return body, nat, ref
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(fused_cases())
+def test_fused_ideal_three_ways(c):
+    _, x, w, scale, zp, coef, attrs = _tensors(c)
+    body, nat, ref = _run_three("ConvAdcRecombine", x, {"w": w, "scale": scale, "zp": zp, "coef": coef}, attrs,
+                                (w, scale, zp, coef))
+    assert np.array_equal(nat, body), np.abs(nat - body).max()
+    assert np.array_equal(body, ref)
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(fused_cases(), st.sampled_from([0.0, 0.7]), st.booleans())
+def test_fused_nonideal_three_ways(c, sigma, curve):
+    rng, x, w, scale, zp, coef, attrs = _tensors(c)
+    cols = w.shape[0]
+    consts = {"w": w, "scale": scale, "zp": zp,
+              "gain": rng.normal(1, 0.05, (1, cols, 1, 1)).astype(np.float32),
+              "offset": rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32),
+              "lut": transfer_lut(build_chip_config(inl=1.5 if curve else 0.0), c["bits"]), "coef": coef}
+    attrs = dict(attrs, noise_sigma=sigma, seed=int(c["seed"]))
+    body, nat, ref = _run_three("ConvAdcRecombineNonIdeal", x, consts, attrs, tuple(consts.values()))
+    assert np.array_equal(nat, body), np.abs(nat - body).max()
+    assert np.array_equal(body, ref)
+
+
+@needs_native
+def test_fused_kernel_rejects_what_it_cannot_compute_exactly():
+    c = dict(P=1, G=1, T=1, S=1, coutg=2, cg=2, k=(1, 1), stride=(1, 1), dil=(1, 1), pads=[0] * 4, hw=(3, 3),
+             inputs="unsigned8", cell=(0, 1), B=1, bits=4, seed=0)
+    _, x, w, scale, zp, coef, attrs = _tensors(c)
+    for bad_x, bad_w in ((x + 0.5, w), (x + 300, w), (x, w * 200)):
+        m = one_op_model("ConvAdcRecombine", {"x": bad_x}, {"w": bad_w, "scale": scale, "zp": zp, "coef": coef}, attrs)
+        with pytest.raises(Exception, match="ConvAdcRecombine: (inputs|weights) must be"):
+            open_session(m, native=True).run(None, {"x": bad_x})
+
+
+CASES = [dict(scheme="native", weight_bits=4, input_bits=8),
+         dict(scheme="differential", weight_bits=8, input_bits=8, tile_mode="row"),
+         dict(scheme="bit-serial", weight_bits=6, input_bits=4, cell_bits=2),
+         dict(scheme="bit-serial+differential", weight_bits=4, input_bits=4, cell_bits=1),
+         dict(scheme="differential", weight_bits=9, input_bits=5)]   # 9-bit cells: not fused
+
+
+@needs_native
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: c["scheme"] + str(c["weight_bits"]))
+def test_compiled_models_fused_equal_unfused(tmp_path, cfg):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((12, 10, 3, 3)).astype(np.float32)
+    x = np.abs(rng.standard_normal((3, 10, 9, 9))).astype(np.float32)
+    np.save(tmp_path / "c.npy", x)
+    res = pimc.compile_model(conv_model(w, None, stride=(1, 1), pad=(1, 1, 1, 1)), calib_data=str(tmp_path / "c.npy"),
+                             array_rows=40, adc_bits=5, **cfg)
+    fused, n = fuse_array_ops(res.model)
+    assert n == (0 if cfg["weight_bits"] == 9 else len(read_mapping(res.model).layers[0].chunk_list))
+    for chip in (None, "nonideal", "pimqat-chip7"):
+        a = open_session(res.model, chip, chip_seed=2, native=False).run(None, {"x": x})[0]
+        b = open_session(res.model, chip, chip_seed=2, fuse=False).run(None, {"x": x})[0]
+        f = open_session(res.model, chip, chip_seed=2).run(None, {"x": x})[0]
+        assert np.array_equal(f, b) and np.array_equal(f, a), chip
+
+
+@needs_native
+def test_portable_build_gives_the_same_values(tmp_path):
+    """PIMC_NATIVE_PORTABLE=1 builds for the baseline x86-64 (no AVX: the portable integer
+    loops) into its own cache entry; its fused results equal this machine's build."""
+    c = dict(P=2, G=2, T=2, S=2, coutg=5, cg=7, k=(3, 3), stride=(1, 1), dil=(1, 1), pads=[1] * 4, hw=(11, 10),
+             inputs="planes", cell=(-8, 7), B=3, bits=5, seed=11)
+    _, x, w, scale, zp, coef, attrs = _tensors(c)
+    m = one_op_model("ConvAdcRecombine", {"x": x}, {"w": w, "scale": scale, "zp": zp, "coef": coef}, attrs)
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    np.save(tmp_path / "x.npy", x)
+    code = ("import ctypes, numpy as np; from pimc.runtime.native import native_library; "
+            "from pimc.runtime.session import open_session; "
+            "lib = ctypes.CDLL(str(native_library())); lib.PimcNativeIsa.restype = ctypes.c_char_p; "
+            f"print(lib.PimcNativeIsa().decode()); "
+            f"np.save(r'{tmp_path / 'y.npy'}', open_session(r'{tmp_path / 'm.onnx'}', native=True)"
+            f".run(None, {{'x': np.load(r'{tmp_path / 'x.npy'}')}})[0])")
+    env = dict(os.environ, PIMC_NATIVE_PORTABLE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "portable"
+    here = open_session(m, native=True).run(None, {"x": x})[0]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), here)
