@@ -68,7 +68,8 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             w = numpy_helper.to_array(inits[conv.input[1]])
             if w.ndim != 4 or not _integer_bytes(w):
                 continue
-            fuse[conv.name] = (conv, adc, attrs)
+            signed = 0 if (L.slicing.planes > 1 or L.slicing.bit_serial) else int(L.input_quant.signed)
+            fuse[conv.name] = (conv, adc, dict(attrs, x_signed=signed))
     if not fuse:
         return model, 0
     out = onnx.ModelProto()
@@ -91,7 +92,8 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             FUSED[adc.op_type], [conv.input[0], conv.input[1], *adc_inputs], list(adc.output),
             name=adc.name, domain=DOMAIN,
             strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
-            dilations=list(attrs.get("dilations", [1, 1])), group=int(attrs.get("group", 1)), **adc_attrs))
+            dilations=list(attrs.get("dilations", [1, 1])), group=int(attrs.get("group", 1)),
+            x_signed=attrs["x_signed"], **adc_attrs))
     if any(adc.op_type not in N.RECOMBINE_OPS for _, adc, _ in fuse.values()):
         out.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1), np.float32), ONE))
     del out.graph.node[:]

@@ -332,7 +332,9 @@ ADC_RECOMBINE_NONIDEAL = OpDef(
 # Conv + AdcRecombine in one op.  The compiler never writes it: a native session rewrites each
 # layer chunk's array conv and ADC into it (pimc.runtime.fuse), so the native kernel multiplies
 # bytes with exact integer sums and converts every column while it is in cache.  Its body is
-# the two ops it replaces, so the rewritten model still runs anywhere.
+# the two ops it replaces, so the rewritten model still runs anywhere.  ``x_signed`` says how
+# the kernel stores the integer inputs as bytes (1: in [-128, 127], shifted by 128; 0: in
+# [0, 255]); the body does not need it.
 _CONV_ATTRS = "strides: ints = @strides, pads: ints = @pads, dilations: ints = @dilations, group: int = @group"
 
 
@@ -358,14 +360,14 @@ def conv2d_np(x, w, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1
 
 
 def _conv_adc_recombine_np(x, w, scale, zero_point, coef, *, bits, planes, groups, tiles, slices,
-                           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1):
+                           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0):
     return adc_recombine_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, coef, bits=bits,
                             planes=planes, groups=groups, tiles=tiles, slices=slices)
 
 
 def _conv_adc_recombine_nonideal_np(x, w, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed,
                                     planes, groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0),
-                                    dilations=(1, 1), group=1):
+                                    dilations=(1, 1), group=1, x_signed=0):
     return adc_recombine_nonideal_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, gain,
                                      offset, lut, coef, bits=bits, noise_sigma=noise_sigma, seed=seed, planes=planes,
                                      groups=groups, tiles=tiles, slices=slices)
@@ -373,7 +375,7 @@ def _conv_adc_recombine_nonideal_np(x, w, scale, zero_point, gain, offset, lut, 
 
 CONV_ADC_RECOMBINE = OpDef(
     "ConvAdcRecombine", ("x", "w", "scale", "zero_point", "coef"),
-    ("strides", "pads", "dilations", "group", "bits", "planes", "groups", "tiles", "slices"),
+    ("strides", "pads", "dilations", "group", "x_signed", "bits", "planes", "groups", "tiles", "slices"),
     f"""
   s = Conv <{_CONV_ATTRS}> (x, w)
   y = {DOMAIN}.AdcRecombine <bits: int = @bits, {_RECOMBINE_ATTRS}> (s, scale, zero_point, coef)
@@ -383,7 +385,8 @@ CONV_ADC_RECOMBINE = OpDef(
 
 CONV_ADC_RECOMBINE_NONIDEAL = OpDef(
     "ConvAdcRecombineNonIdeal", ("x", "w", "scale", "zero_point", "gain", "offset", "lut", "coef"),
-    ("strides", "pads", "dilations", "group", "bits", "noise_sigma", "seed", "planes", "groups", "tiles", "slices"),
+    ("strides", "pads", "dilations", "group", "x_signed", "bits", "noise_sigma", "seed", "planes", "groups", "tiles",
+     "slices"),
     f"""
   s = Conv <{_CONV_ATTRS}> (x, w)
   y = {DOMAIN}.AdcRecombineNonIdeal <bits: int = @bits, noise_sigma: float = @noise_sigma, seed: int = @seed, {_RECOMBINE_ATTRS}> (s, scale, zero_point, gain, offset, lut, coef)

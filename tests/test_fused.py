@@ -56,6 +56,7 @@ def _tensors(c):
     zp = np.round(rng.uniform(0, 2 ** c["bits"] - 1, (1, cols, 1, 1))).astype(np.float32)
     coef = rng.choice([1, 2, 4, -8, -1, 16], (c["P"], c["S"])).astype(np.float32)
     attrs = dict(strides=list(c["stride"]), pads=c["pads"], dilations=list(c["dil"]), group=conv_groups,
+                 x_signed=int(c["inputs"].startswith("signed")),
                  bits=c["bits"], planes=c["P"], groups=c["G"], tiles=c["T"], slices=c["S"])
     return rng, x, w, scale, zp, coef, attrs
 
@@ -100,7 +101,7 @@ def test_fused_kernel_rejects_what_it_cannot_compute_exactly():
     c = dict(P=1, G=1, T=1, S=1, coutg=2, cg=2, k=(1, 1), stride=(1, 1), dil=(1, 1), pads=[0] * 4, hw=(3, 3),
              inputs="unsigned8", cell=(0, 1), B=1, bits=4, seed=0)
     _, x, w, scale, zp, coef, attrs = _tensors(c)
-    for bad_x, bad_w in ((x + 0.5, w), (x + 300, w), (x, w * 200)):
+    for bad_x, bad_w in ((x + 0.5, w), (x + 300, w), (np.minimum(x, -1), w), (x, w * 200)):
         m = one_op_model("ConvAdcRecombine", {"x": bad_x}, {"w": bad_w, "scale": scale, "zp": zp, "coef": coef}, attrs)
         with pytest.raises(Exception, match="ConvAdcRecombine: (inputs|weights) must be"):
             open_session(m, native=True).run(None, {"x": bad_x})

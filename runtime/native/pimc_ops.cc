@@ -490,6 +490,15 @@ struct NonIdeal {
     run_column(sp + (r * sh.cols + c) * sh.inner, c, noisy ? key[r] : 0u, out);
   }
 
+  // convert values n0 .. n0+len-1 of column c of ``row`` (a whole row of partial sums, no
+  // table) whose key is ``rkey`` into out[0 .. len-1]
+  template <typename Sink>
+  void run_range(const float* row, int64_t c, int64_t n0, int64_t len, uint32_t rkey, const Sink& out) const {
+    Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, rkey};
+    const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner + n0 : nullptr;
+    convert_any(identity, noisy, row + c * sh.inner + n0, out, mc, len, col, pairs.data());
+  }
+
   // convert column c of a row whose key is ``rkey`` from ``in`` (sh.inner values) into out
   template <typename Sink>
   void run_column(const float* in, int64_t c, uint32_t rkey, const Sink& out) const {
@@ -728,11 +737,12 @@ struct ConvGeom {
 };
 
 struct ConvAttrs {
-  int64_t group;
+  int64_t group, x_signed;
   std::vector<int64_t> strides, pads, dilations;
   explicit ConvAttrs(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     group = ki.GetAttribute<int64_t>("group");
+    x_signed = ki.GetAttribute<int64_t>("x_signed");
     strides = ki.GetAttributes<int64_t>("strides");
     pads = ki.GetAttributes<int64_t>("pads");
     dilations = ki.GetAttributes<int64_t>("dilations");
@@ -834,57 +844,72 @@ struct PackedWeights {
   }
 };
 
-// The shift that makes an image plane bytes (0 when it holds no negative value, 128
-// otherwise), after checking that it holds integers that fit.
-int32_t plane_shift(const float* __restrict x, int64_t n, const char* op) {
-  float lo = 0.0f, hi = 0.0f;
-  bool integral = true;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
-    integral = integral && x[i] == std::nearbyint(x[i]);
-  }
-  const int32_t shift = lo < 0.0f ? 128 : 0;
-  if (!integral || lo < -128.0f || hi > 255.0f - static_cast<float>(shift))
-    ORT_CXX_API_THROW(std::string(op) + ": inputs must be 8-bit integers (unsigned, or signed in [-128, 127])",
-                      ORT_INVALID_ARGUMENT);
-  return shift;
+// Whether v is not an integer in [lo, hi] (as 0/1, to be or-ed over a loop that vectorises).
+inline int32_t outside(float v, float lo, float hi) {
+  return static_cast<int32_t>(v != std::nearbyint(v)) | static_cast<int32_t>(v < lo) | static_cast<int32_t>(v > hi);
 }
 
-// Group grp's feed (see Plan) from the float plane x (C x H x W), each value + shift; padding
+// Group grp's feed (see Plan) from the float plane x (C x H x W), each value + shift (128 for
+// signed inputs, which must lie in [-128, 127]; 0 for unsigned ones, in [0, 255]); padding
 // holds the shift (an input 0), k past the row and pixels past the plane whatever is there
-// (their weights are 0, their outputs dropped).
+// (their weights are 0, their outputs dropped).  Throws on a value that is not such a byte.
 void feed(const float* __restrict x, const ConvGeom& g, const Plan& pl, int64_t grp, int32_t shift,
-          uint8_t* __restrict a) {
+          uint8_t* __restrict a, const char* op) {
   const uint8_t pad = static_cast<uint8_t>(shift);
+  const float lo = -static_cast<float>(shift), hi = 255.0f - static_cast<float>(shift);
+  int32_t bad = 0;
   std::fill(a, a + pl.feed_bytes, pad);
   if (pl.direct) {
-    for (int64_t c = 0; c < g.Cg; ++c) {
-      const float* src = x + (grp * g.Cg + c) * g.H * g.W;
-      uint8_t* dst = a + ((c / 4) * pl.Hp * pl.Wp) * 4 + c % 4;
+    // four channels at a time, one 32-bit word per pixel (channels past Cg read a zero row)
+    thread_local std::vector<float> zeros;
+    zeros.assign(g.W, 0.0f);
+    const uint32_t sh = static_cast<uint32_t>(shift);
+    for (int64_t cq = 0; cq < pl.Cgq; ++cq) {
+      const float* src[4];
+      int64_t step[4];
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = cq * 4 + u;
+        src[u] = c < g.Cg ? x + (grp * g.Cg + c) * g.H * g.W : zeros.data();
+        step[u] = c < g.Cg ? g.W : 0;
+      }
       for (int64_t ih = 0; ih < g.H; ++ih) {
-        uint8_t* d = dst + ((ih + g.ph) * pl.Wp + g.pw) * 4;
-        const float* sr = src + ih * g.W;
-        for (int64_t iw = 0; iw < g.W; ++iw) d[iw * 4] = static_cast<uint8_t>(static_cast<int32_t>(sr[iw]) + shift);
+        uint8_t* d = a + ((cq * pl.Hp + ih + g.ph) * pl.Wp + g.pw) * 4;
+        const float *s0 = src[0] + ih * step[0], *s1 = src[1] + ih * step[1], *s2 = src[2] + ih * step[2],
+                    *s3 = src[3] + ih * step[3];
+        for (int64_t iw = 0; iw < g.W; ++iw) {
+          bad |= outside(s0[iw], lo, hi) | outside(s1[iw], lo, hi) | outside(s2[iw], lo, hi) | outside(s3[iw], lo, hi);
+          const uint32_t word = ((static_cast<uint32_t>(static_cast<int32_t>(s0[iw])) + sh) & 0xFFu) |
+                                (((static_cast<uint32_t>(static_cast<int32_t>(s1[iw])) + sh) & 0xFFu) << 8) |
+                                (((static_cast<uint32_t>(static_cast<int32_t>(s2[iw])) + sh) & 0xFFu) << 16) |
+                                (((static_cast<uint32_t>(static_cast<int32_t>(s3[iw])) + sh) & 0xFFu) << 24);
+          std::memcpy(d + iw * 4, &word, 4);
+        }
       }
     }
-    return;
-  }
-  const int64_t khw = g.KH * g.KW;
-  for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t c = k / khw, i = (k / g.KW) % g.KH, j = k % g.KW;
-    const float* src = x + (grp * g.Cg + c) * g.H * g.W;
-    uint8_t* dst = a + (k >> 2) * 64 + (k & 3);
-    for (int64_t oh = 0; oh < g.OH; ++oh) {
-      const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-      if (ih < 0 || ih >= g.H) continue;
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const int64_t iw = ow * g.sw - g.pw + j * g.dw, n = oh * g.OW + ow;
-        if (iw >= 0 && iw < g.W)
-          dst[((n >> 4) * g.Kq) * 64 + (n & 15) * 4] = static_cast<uint8_t>(static_cast<int32_t>(src[ih * g.W + iw]) + shift);
+  } else {
+    const int64_t khw = g.KH * g.KW;
+    for (int64_t k = 0; k < g.K; ++k) {
+      const int64_t c = k / khw, i = (k / g.KW) % g.KH, j = k % g.KW;
+      const float* src = x + (grp * g.Cg + c) * g.H * g.W;
+      uint8_t* dst = a + (k >> 2) * 64 + (k & 3);
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t iw = ow * g.sw - g.pw + j * g.dw, n = oh * g.OW + ow;
+          if (iw >= 0 && iw < g.W) {
+            const float v = src[ih * g.W + iw];
+            bad |= outside(v, lo, hi);
+            dst[((n >> 4) * g.Kq) * 64 + (n & 15) * 4] = static_cast<uint8_t>(static_cast<int32_t>(v) + shift);
+          }
+        }
       }
     }
   }
+  if (bad)
+    ORT_CXX_API_THROW(std::string(op) + (shift ? ": inputs must be integers in [-128, 127] (x_signed = 1)"
+                                               : ": inputs must be integers in [0, 255] (x_signed = 0)"),
+                      ORT_INVALID_ARGUMENT);
 }
 
 // out[i * ld + 16 (nb0 + j) + lane] = sum over kq, u of feed(kq, pixel) * w(i, kq, u), for
@@ -966,8 +991,14 @@ void gemm(const uint8_t* a, const int8_t* w, int64_t Mg, const Plan& pl, int32_t
 }
 
 // Fused kernel body shared by the ideal and non-ideal ops.  ``begin_row(row)`` returns what
-// the conversions of a plane's partial-sum row need (the noise key); ``convert(in, n, col,
-// that, Accumulate)`` converts one column (n values) into the accumulator.
+// the conversions of a plane's partial-sum row need (the noise key); ``convert(row, col, n0,
+// len, that, out)`` writes the converted values n0 .. n0+len-1 of column col into out.  Each
+// output channel's pixels are taken a block at a time: the block's float64 sums stay in L1
+// while its (tile, slice) columns are added in AdcRecombine's order (planes, then tiles, then
+// slices; acc += double(v) * k each), so the values are bit identical to it, and the last
+// plane writes the float32 output directly.
+constexpr int64_t kPixBlock = 64;
+
 template <typename Convert, typename Begin>
 void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const RecombineDims& d, size_t coef_input,
                         const char* op, Begin&& begin_row, Convert&& convert) {
@@ -983,6 +1014,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
   float* y = recombine_output(ctx, {xs[0], g.M, g.OH, g.OW}, d, op, B, coutg);
   const int64_t cout = d.G * coutg, plane = g.C * g.H * g.W;
   if (B * cout * g.N == 0) return;
+  const int32_t shift = attrs.x_signed ? 128 : 0;
   parallel(ctx, B, [&](int64_t b) {
     thread_local std::vector<uint8_t> a;
     thread_local std::vector<int32_t> ci;
@@ -991,12 +1023,12 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
     a.resize(pl.feed_bytes);
     ci.resize(g.Mg * pl.NB * 16);
     srow.resize(g.M * g.N);
-    acc.assign(cout * g.N, 0.0);
+    if (d.P > 1) acc.resize(cout * g.N);
+    float* out = y + b * cout * g.N;
     for (int64_t p = 0; p < d.P; ++p) {
       const int64_t r = p * B + b;
-      const int32_t shift = plane_shift(x + r * plane, plane, op);
       for (int64_t grp = 0; grp < g.G; ++grp) {
-        feed(x + r * plane, g, pl, grp, shift, a.data());
+        feed(x + r * plane, g, pl, grp, shift, a.data(), op);
         gemm(a.data(), pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci.data());
         for (int64_t m = 0; m < g.Mg; ++m) {
           const int32_t corr = shift * pw.rowsum[grp * g.Mg + m];
@@ -1009,18 +1041,29 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
         }
       }
       const auto state = begin_row(srow.data());
+      const bool first = p == 0, last = p == d.P - 1;
       for (int64_t gg = 0; gg < d.G; ++gg)
-        for (int64_t t = 0; t < d.T; ++t)
-          for (int64_t s = 0; s < d.S; ++s) {
-            const double k = static_cast<double>(coef[p * d.S + s]);
-            const int64_t col0 = ((gg * d.T + t) * d.S + s) * coutg;
-            for (int64_t o = 0; o < coutg; ++o)
-              convert(srow.data() + (col0 + o) * g.N, g.N, col0 + o, state,
-                      Accumulate{acc.data() + (gg * coutg + o) * g.N, k});
+        for (int64_t o = 0; o < coutg; ++o) {
+          double* ao = d.P > 1 ? acc.data() + (gg * coutg + o) * g.N : nullptr;
+          float* yo = out + (gg * coutg + o) * g.N;
+          for (int64_t n0 = 0; n0 < g.N; n0 += kPixBlock) {
+            const int64_t len = std::min(kPixBlock, g.N - n0);
+            double sum[kPixBlock];
+            float v[kPixBlock];
+            for (int64_t i = 0; i < len; ++i) sum[i] = first ? 0.0 : ao[n0 + i];
+            for (int64_t t = 0; t < d.T; ++t)
+              for (int64_t s = 0; s < d.S; ++s) {
+                const double k = static_cast<double>(coef[p * d.S + s]);
+                convert(srow.data(), ((gg * d.T + t) * d.S + s) * coutg + o, n0, len, state, v);
+                for (int64_t i = 0; i < len; ++i) sum[i] += static_cast<double>(v[i]) * k;
+              }
+            if (last)
+              for (int64_t i = 0; i < len; ++i) yo[n0 + i] = static_cast<float>(sum[i]);
+            else
+              for (int64_t i = 0; i < len; ++i) ao[n0 + i] = sum[i];
           }
+        }
     }
-    float* out = y + b * cout * g.N;
-    for (int64_t i = 0; i < cout * g.N; ++i) out[i] = static_cast<float>(acc[i]);
   });
 }
 
@@ -1036,10 +1079,12 @@ struct ConvAdcRecombineKernel {
     const int64_t cols = ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape()[0];
     const ColParam sc = col_param(ctx, 2, cols, op, "scale"), zp = col_param(ctx, 3, cols, op, "zero_point");
     const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
+    const auto xs = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
+    const int64_t n = conv_geom(xs, ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape(), attrs, op).N;
     conv_adc_recombine(
         ctx, attrs, d, 4, op, [](const float*) { return 0u; },
-        [&](const float* in, int64_t n, int64_t c, uint32_t, const Accumulate& acc) {
-          adc_ideal(in, acc, n, sc.at(c), zp.at(c), top);
+        [&](const float* row, int64_t c, int64_t n0, int64_t len, uint32_t, float* v) {
+          adc_ideal(row + c * n + n0, Store{v}, len, sc.at(c), zp.at(c), top);
         });
   }
 };
@@ -1057,8 +1102,8 @@ struct ConvAdcRecombineNonIdealKernel : NonIdealAttrs {
     const NonIdeal ni(ctx, op, bits, seed, sigma, 2, {xs[0], g.M, g.OH, g.OW}, nullptr);
     conv_adc_recombine(
         ctx, attrs, d, 7, op, [&](const float* row) { return ni.noisy ? ni.row_key(row) : 0u; },
-        [&](const float* in, int64_t, int64_t c, uint32_t key, const Accumulate& acc) {
-          ni.run_column(in, c, key, acc);
+        [&](const float* row, int64_t c, int64_t n0, int64_t len, uint32_t key, float* v) {
+          ni.run_range(row, c, n0, len, key, Store{v});
         });
   }
 };
