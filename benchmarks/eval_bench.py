@@ -11,9 +11,13 @@ one run, on the same preprocessed CIFAR-10 test images:
   (session, batches, top-1/top-5 counting, progress), timed inside
   ``pimc.evaluate.evaluate`` on the same compiled model;
 
-alternating the two ``--repeats`` times and keeping the best of each (these
-machines are shared and noisy), and prints images/s of both and the overhead
-(target: under 10 %).  It also prints the time of the whole `evaluate` call by
+* the baseline a user has: the original (float) ONNX model in a default
+  ``onnxruntime.InferenceSession`` (every graph optimization on, the same threads);
+
+alternating the three ``--repeats`` times and keeping the best of each (these
+machines are shared and noisy), and prints images/s of each, the overhead of the
+evaluation layer (target: under 10 %) and the compiled model's time over the
+original model's.  It also prints the time of the whole `evaluate` call by
 part (compiles, float/digital/ideal runs, per-layer statistics).
 """
 from __future__ import annotations
@@ -70,14 +74,23 @@ def main():
                 sess.run(None, {"input": x[i:i + a.batch]})
             return len(x) / (time.perf_counter() - t0)
 
+        def original() -> float:
+            import onnxruntime as ort
+            t0 = time.perf_counter()
+            sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            for i in range(0, len(x), a.batch):
+                sess.run(None, {"input": x[i:i + a.batch]})
+            return len(x) / (time.perf_counter() - t0)
+
         def through_eval() -> tuple[float, dict]:
             cache: dict = {}
             rep = evaluate(model, str(data), cfg, prep=prep, limit=a.images, batch=a.batch, stats_images=0,
                            loaded=loaded, cache=cache, executor=LocalExecutor())
             return len(x) / rep["timing_s"]["ideal_pim"], rep
 
-        bare_r, eval_r, rep = [], [], None
+        bare_r, eval_r, float_r, rep = [], [], [], None
         for _ in range(a.repeats):
+            float_r.append(original())
             bare_r.append(bare())
             r, rep = through_eval()
             eval_r.append(r)
@@ -85,10 +98,12 @@ def main():
         full = evaluate(model, str(data), cfg, prep=prep, limit=a.images, batch=a.batch, stats_images=64,
                         loaded=loaded, executor=LocalExecutor())
         full_s = time.perf_counter() - t0
-    b, e = max(bare_r), max(eval_r)
+    b, e, f = max(bare_r), max(eval_r), max(float_r)
     print(f"ResNet-20, {len(x)} CIFAR-10 test images, batch {a.batch}; compiled: {CONFIG}")
+    print(f"original model, default onnxruntime   {f:8.1f} images/s   (runs: {', '.join(f'{v:.1f}' for v in float_r)})")
     print(f"bare runtime (open_session + run)     {b:8.1f} images/s   (runs: {', '.join(f'{v:.1f}' for v in bare_r)})")
     print(f"pimc eval, same model (executor job)  {e:8.1f} images/s   (runs: {', '.join(f'{v:.1f}' for v in eval_r)})")
+    print(f"compiled/original time                {f / b:8.2f} x")
     over = 100 * (b / e - 1)
     print(f"evaluation-layer overhead             {over:8.1f} %   (target < 10 %: {'OK' if over < 10 else 'MISSED'})")
     print(f"whole evaluate() call with 64-image layer statistics: {full_s:.1f} s, by part:")

@@ -876,7 +876,28 @@ void feed(const float* __restrict x, const ConvGeom& g, const Plan& pl, int64_t 
         uint8_t* d = a + ((cq * pl.Hp + ih + g.ph) * pl.Wp + g.pw) * 4;
         const float *s0 = src[0] + ih * step[0], *s1 = src[1] + ih * step[1], *s2 = src[2] + ih * step[2],
                     *s3 = src[3] + ih * step[3];
-        for (int64_t iw = 0; iw < g.W; ++iw) {
+        int64_t iw = 0;
+#if defined(__AVX512F__)
+        const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+        const __m512i vsh = _mm512_set1_epi32(shift), ff = _mm512_set1_epi32(0xFF);
+        __mmask16 badm = 0;
+        for (; iw < g.W; iw += 16) {
+          const __mmask16 in = g.W - iw >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.W - iw)) - 1u);
+          __m512i word = _mm512_setzero_si512();
+          const float* rows[4] = {s0, s1, s2, s3};
+          for (int u = 0; u < 4; ++u) {
+            const __m512 v = _mm512_maskz_loadu_ps(in, rows[u] + iw);
+            const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            badm |= _mm512_cmp_ps_mask(v, r, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(v, vlo, _CMP_LT_OQ) |
+                    _mm512_cmp_ps_mask(v, vhi, _CMP_GT_OQ);
+            const __m512i b = _mm512_and_si512(_mm512_add_epi32(_mm512_cvttps_epi32(v), vsh), ff);
+            word = _mm512_or_si512(word, _mm512_slli_epi32(b, 8 * u));
+          }
+          _mm512_mask_storeu_epi32(d + iw * 4, in, word);
+        }
+        bad |= badm != 0;
+#endif
+        for (; iw < g.W; ++iw) {
           bad |= outside(s0[iw], lo, hi) | outside(s1[iw], lo, hi) | outside(s2[iw], lo, hi) | outside(s3[iw], lo, hi);
           const uint32_t word = ((static_cast<uint32_t>(static_cast<int32_t>(s0[iw])) + sh) & 0xFFu) |
                                 (((static_cast<uint32_t>(static_cast<int32_t>(s1[iw])) + sh) & 0xFFu) << 8) |
