@@ -1011,18 +1011,30 @@ void gemm(const uint8_t* a, const int8_t* w, int64_t Mg, const Plan& pl, int32_t
   }
 }
 
-// Fused kernel body shared by the ideal and non-ideal ops.  ``begin_row(row)`` returns what
-// the conversions of a plane's partial-sum row need (the noise key); ``convert(row, col, n0,
-// len, that, out)`` writes the converted values n0 .. n0+len-1 of column col into out.  Each
-// output channel's pixels are taken a block at a time: the block's float64 sums stay in L1
-// while its (tile, slice) columns are added in AdcRecombine's order (planes, then tiles, then
-// slices; acc += double(v) * k each), so the values are bit identical to it, and the last
-// plane writes the float32 output directly.
+// One plane's partial sums as the epilogue reads them: column c's int32 products at ci + c *
+// ldc (pixel (oh, ow) at pl.pixel(oh, ow)), minus corr[c] (the +128 shift's share); and, where
+// the conversion asks for it (a non-ideal ADC: its noise key reads the row as floats), the
+// float32 row (column c, pixel n at row[c * N + n]).
+struct PlaneView {
+  const int32_t* ci;
+  int64_t ldc;
+  const int32_t* corr;
+  const float* row;
+  int64_t N;
+};
+
+// Fused kernel body shared by the ideal and non-ideal ops.  ``conv`` provides
+// ``kRow`` (whether it reads the float row), ``begin(view)`` (what a plane's conversions need:
+// the noise key) and ``convert(view, c, n0, len, that, v)``: values n0 .. n0+len-1 of column
+// c (pixels of the float row, or of the products' layout) converted into v.  Each output
+// channel's pixels are taken kPixBlock at a time: the block's float64 sums stay in L1 while its (tile, slice) columns
+// are added in AdcRecombine's order (planes, then tiles, then slices; acc += double(v) * k
+// each), so the values are bit identical to it, and the last plane writes float32 directly.
 constexpr int64_t kPixBlock = 64;
 
-template <typename Convert, typename Begin>
+template <typename Conversion>
 void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const RecombineDims& d, size_t coef_input,
-                        const char* op, Begin&& begin_row, Convert&& convert) {
+                        const char* op, const Conversion& conv) {
   auto xv = ctx.GetInput(0);
   auto wv = ctx.GetInput(1);
   const auto xs = xv.GetTensorTypeAndShapeInfo().GetShape();
@@ -1033,49 +1045,57 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
   const float* coef = ctx.GetInput(coef_input).GetTensorData<float>();
   int64_t B, coutg;
   float* y = recombine_output(ctx, {xs[0], g.M, g.OH, g.OW}, d, op, B, coutg);
-  const int64_t cout = d.G * coutg, plane = g.C * g.H * g.W;
+  const int64_t cout = d.G * coutg, plane = g.C * g.H * g.W, ldc = pl.NB * 16;
   if (B * cout * g.N == 0) return;
   const int32_t shift = attrs.x_signed ? 128 : 0;
+  std::vector<int32_t> corr(g.M);
+  for (int64_t c = 0; c < g.M; ++c) corr[c] = shift * pw.rowsum[c];
+  // The pixel domain the epilogue walks: the compact map for a float-row conversion, else the
+  // products' own (padded-row) layout, whose padding columns are converted too and dropped
+  // when the last plane is written (cheaper than short segments of one output row each).
+  const bool padded = !Conversion::kRow && pl.pixel(1, 0, g) != g.OW;
+  const int64_t dom = padded ? pl.pixel(g.OH - 1, g.OW, g) : g.N;
   parallel(ctx, B, [&](int64_t b) {
     thread_local std::vector<uint8_t> a;
     thread_local std::vector<int32_t> ci;
     thread_local std::vector<float> srow;
     thread_local std::vector<double> acc;
+    thread_local std::vector<float> ypad;
     a.resize(pl.feed_bytes);
-    ci.resize(g.Mg * pl.NB * 16);
-    srow.resize(g.M * g.N);
-    if (d.P > 1) acc.resize(cout * g.N);
+    ci.resize(g.M * ldc);
+    if (Conversion::kRow) srow.resize(g.M * g.N);
+    if (d.P > 1) acc.resize(cout * dom);
+    if (padded) ypad.resize(dom);
     float* out = y + b * cout * g.N;
+    const PlaneView view{ci.data(), ldc, corr.data(), srow.data(), g.N};
     for (int64_t p = 0; p < d.P; ++p) {
       const int64_t r = p * B + b;
       for (int64_t grp = 0; grp < g.G; ++grp) {
         feed(x + r * plane, g, pl, grp, shift, a.data(), op);
-        gemm(a.data(), pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci.data());
-        for (int64_t m = 0; m < g.Mg; ++m) {
-          const int32_t corr = shift * pw.rowsum[grp * g.Mg + m];
-          const int32_t* src = ci.data() + m * pl.NB * 16;
-          float* dst = srow.data() + (grp * g.Mg + m) * g.N;
-          for (int64_t oh = 0; oh < g.OH; ++oh) {
-            const int32_t* sr = src + pl.pixel(oh, 0, g);
-            for (int64_t ow = 0; ow < g.OW; ++ow) dst[oh * g.OW + ow] = static_cast<float>(sr[ow] - corr);
-          }
-        }
+        gemm(a.data(), pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci.data() + grp * g.Mg * ldc);
       }
-      const auto state = begin_row(srow.data());
+      if (Conversion::kRow)
+        for (int64_t c = 0; c < g.M; ++c)
+          for (int64_t oh = 0; oh < g.OH; ++oh) {
+            const int32_t* sr = ci.data() + c * ldc + pl.pixel(oh, 0, g);
+            float* dst = srow.data() + c * g.N + oh * g.OW;
+            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<float>(sr[ow] - corr[c]);
+          }
+      const auto state = conv.begin(view);
       const bool first = p == 0, last = p == d.P - 1;
       for (int64_t gg = 0; gg < d.G; ++gg)
         for (int64_t o = 0; o < coutg; ++o) {
-          double* ao = d.P > 1 ? acc.data() + (gg * coutg + o) * g.N : nullptr;
-          float* yo = out + (gg * coutg + o) * g.N;
-          for (int64_t n0 = 0; n0 < g.N; n0 += kPixBlock) {
-            const int64_t len = std::min(kPixBlock, g.N - n0);
+          double* ao = d.P > 1 ? acc.data() + (gg * coutg + o) * dom : nullptr;
+          float* yo = padded ? ypad.data() : out + (gg * coutg + o) * g.N;
+          for (int64_t n0 = 0; n0 < dom; n0 += kPixBlock) {
+            const int64_t len = std::min(kPixBlock, dom - n0);
             double sum[kPixBlock];
             float v[kPixBlock];
             for (int64_t i = 0; i < len; ++i) sum[i] = first ? 0.0 : ao[n0 + i];
             for (int64_t t = 0; t < d.T; ++t)
               for (int64_t s = 0; s < d.S; ++s) {
                 const double k = static_cast<double>(coef[p * d.S + s]);
-                convert(srow.data(), ((gg * d.T + t) * d.S + s) * coutg + o, n0, len, state, v);
+                conv.convert(view, ((gg * d.T + t) * d.S + s) * coutg + o, n0, len, state, v);
                 for (int64_t i = 0; i < len; ++i) sum[i] += static_cast<double>(v[i]) * k;
               }
             if (last)
@@ -1083,10 +1103,41 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
             else
               for (int64_t i = 0; i < len; ++i) ao[n0 + i] = sum[i];
           }
+          if (last && padded)
+            for (int64_t oh = 0; oh < g.OH; ++oh)
+              std::memcpy(out + (gg * coutg + o) * g.N + oh * g.OW, yo + pl.pixel(oh, 0, g), g.OW * sizeof(float));
         }
     }
   });
 }
+
+// The ideal conversion straight from the int32 products: float(s - corr) is the partial sum
+// the Conv would give (exact below 2^24), then adc_ideal's operations.
+struct IdealFromProducts {
+  static constexpr bool kRow = false;
+  ColParam sc, zp;
+  float top;
+  uint32_t begin(const PlaneView&) const { return 0u; }
+  void convert(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t, float* v) const {
+    const int32_t* in = pv.ci + c * pv.ldc + n0;
+    const int32_t cr = pv.corr[c];
+    const float d = sc.at(c), z = zp.at(c);
+    for (int64_t i = 0; i < len; ++i) {
+      const float s = static_cast<float>(in[i] - cr);
+      const float code = std::min(std::max(std::nearbyint(s / d) + z, 0.0f), top);
+      v[i] = (code - z) * d;
+    }
+  }
+};
+
+struct NonIdealFromRow {
+  static constexpr bool kRow = true;
+  const NonIdeal& ni;
+  uint32_t begin(const PlaneView& pv) const { return ni.noisy ? ni.row_key(pv.row) : 0u; }
+  void convert(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t key, float* v) const {
+    ni.run_range(pv.row, c, n0, len, key, Store{v});
+  }
+};
 
 struct ConvAdcRecombineKernel {
   ConvAttrs attrs;
@@ -1098,15 +1149,9 @@ struct ConvAdcRecombineKernel {
     Ort::KernelContext ctx(context);
     const char* op = "ConvAdcRecombine";
     const int64_t cols = ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape()[0];
-    const ColParam sc = col_param(ctx, 2, cols, op, "scale"), zp = col_param(ctx, 3, cols, op, "zero_point");
-    const float top = std::pow(2.0f, static_cast<float>(bits)) - 1.0f;
-    const auto xs = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
-    const int64_t n = conv_geom(xs, ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape(), attrs, op).N;
-    conv_adc_recombine(
-        ctx, attrs, d, 4, op, [](const float*) { return 0u; },
-        [&](const float* row, int64_t c, int64_t n0, int64_t len, uint32_t, float* v) {
-          adc_ideal(row + c * n + n0, Store{v}, len, sc.at(c), zp.at(c), top);
-        });
+    const IdealFromProducts conv{col_param(ctx, 2, cols, op, "scale"), col_param(ctx, 3, cols, op, "zero_point"),
+                                 std::pow(2.0f, static_cast<float>(bits)) - 1.0f};
+    conv_adc_recombine(ctx, attrs, d, 4, op, conv);
   }
 };
 
@@ -1121,11 +1166,7 @@ struct ConvAdcRecombineNonIdealKernel : NonIdealAttrs {
     const auto xs = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
     const ConvGeom g = conv_geom(xs, ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
     const NonIdeal ni(ctx, op, bits, seed, sigma, 2, {xs[0], g.M, g.OH, g.OW}, nullptr);
-    conv_adc_recombine(
-        ctx, attrs, d, 7, op, [&](const float* row) { return ni.noisy ? ni.row_key(row) : 0u; },
-        [&](const float* row, int64_t c, int64_t n0, int64_t len, uint32_t key, float* v) {
-          ni.run_range(row, c, n0, len, key, Store{v});
-        });
+    conv_adc_recombine(ctx, attrs, d, 7, op, NonIdealFromRow{ni});
   }
 };
 
