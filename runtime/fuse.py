@@ -7,7 +7,9 @@ integers of at most 8 bits (the layer's ``input_quant.bits`` <= 8, or 1-bit plan
 whose cell weights are integers in [-128, 127] (a chip's device variation makes them
 non-integer: those chunks stay as they are), becomes one ``ConvAdcRecombine`` /
 ``ConvAdcRecombineNonIdeal`` node computing the same values (runtime/ops.py: its body
-is the two ops).  Everything else is untouched; the model's metadata is kept, so the
+is the ops it replaces).  The tile-channel Gather in front of the conv (and the Pad that
+appends its zero channel) goes into the fused node as its ``channels`` input, so the
+kernel reads the layer input in place instead of a gathered copy.  Everything else is untouched; the model's metadata is kept, so the
 mapping still describes the layers.  The compiler never writes the fused op: the IR
 on disk stays Conv + ADC, which any onnxruntime runs.
 
@@ -35,6 +37,36 @@ def _integer_bytes(w: np.ndarray) -> bool:
     return bool(np.all(w == np.round(w)) and w.min(initial=0) >= -128 and w.max(initial=0) <= 127)
 
 
+def _producers(model: onnx.ModelProto) -> dict:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _gather_source(conv, producers, inits, readers) -> tuple[str, np.ndarray, list] | None:
+    """Where the conv reads its tile channels: (the tensor gathered from, the channel of it that
+    each conv input channel is, with the tensor's channel count meaning an appended zero
+    channel; the nodes this replaces), when its input is the emitter's Gather (axis 1, constant
+    indices) of the layer input, optionally after the Pad that appends one zero channel."""
+    g = producers.get(conv.input[0])
+    if g is None or g.op_type != "Gather" or g.domain not in ("", "ai.onnx") or readers[g.output[0]] != 1:
+        return None
+    if {a.name: helper.get_attribute_value(a) for a in g.attribute}.get("axis", 0) != 1 or g.input[1] not in inits:
+        return None
+    idx = numpy_helper.to_array(inits[g.input[1]]).astype(np.int64)
+    src, replaced = g.input[0], [g]
+    pad = producers.get(src)
+    if pad is not None and pad.op_type == "Pad" and pad.domain in ("", "ai.onnx"):
+        pads = numpy_helper.to_array(inits[pad.input[1]]) if len(pad.input) > 1 and pad.input[1] in inits else None
+        mode = {a.name: helper.get_attribute_value(a) for a in pad.attribute}.get("mode", b"constant")
+        zero = len(pad.input) < 3 or not pad.input[2]
+        if pads is None or pads.tolist() != [0, 0, 0, 0, 0, 1, 0, 0] or mode not in (b"constant", "constant") or not zero:
+            return None
+        src = pad.input[0]
+        replaced.append(pad)
+    if idx.ndim != 1 or idx.min(initial=0) < -1:
+        return None
+    return src, idx, replaced
+
+
 def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.ModelProto, int]:
     """(a copy of ``model`` with fused array ops, how many chunks were fused)."""
     if not any(p.key == "pimc.mapping" for p in model.metadata_props):
@@ -42,12 +74,13 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
     mapping = read_mapping(model, source)
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
+    producers = _producers(model)
     readers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
     outputs = {o.name for o in model.graph.output}
-    fuse: dict[str, tuple] = {}   # conv node name -> (conv, adc)
+    fuse: dict[str, tuple] = {}   # conv node name -> (conv, adc, attributes, x, channels, replaced nodes)
     for L in mapping.layers:
         if L.adc is None or L.input_quant is None or L.slicing is None:
             continue
@@ -69,12 +102,21 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             if w.ndim != 4 or not _integer_bytes(w):
                 continue
             signed = 0 if (L.slicing.planes > 1 or L.slicing.bit_serial) else int(L.input_quant.signed)
-            fuse[conv.name] = (conv, adc, dict(attrs, x_signed=signed))
+            gathered = _gather_source(conv, producers, inits, readers)
+            if gathered is None:
+                gathered = (conv.input[0], np.arange(w.shape[1] * int(attrs.get("group", 1)), dtype=np.int64), [])
+            fuse[conv.name] = (conv, adc, dict(attrs, x_signed=signed), *gathered)
     if not fuse:
         return model, 0
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    drop = {adc.name for _, adc, _ in fuse.values()}
+    drop = {adc.name for _, adc, *_ in fuse.values()} | {g.name for *_, rep in fuse.values() for g in rep[:1]}
+    # a Pad goes when every reader of its output is a gather this rewrite replaces
+    for *_, rep in fuse.values():
+        for pad in rep[1:]:
+            gathers = {n.name for n in model.graph.node if pad.output[0] in n.input}
+            if gathers <= drop:
+                drop.add(pad.name)
     new_nodes = []
     for n in out.graph.node:
         if n.name in drop:
@@ -82,23 +124,25 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
         if n.name not in fuse:
             new_nodes.append(n)
             continue
-        conv, adc, attrs = fuse[n.name]
+        conv, adc, attrs, x, channels, _ = fuse[n.name]
         adc_attrs = {a.name: helper.get_attribute_value(a) for a in adc.attribute}
         adc_inputs = list(adc.input[1:])
         if adc.op_type not in N.RECOMBINE_OPS:
             adc_attrs.update(planes=1, groups=int(attrs.get("group", 1)), tiles=1, slices=1)
             adc_inputs.append(ONE)
+        chan = f"{adc.name}/pimc_fuse/channels"
+        out.graph.initializer.append(numpy_helper.from_array(channels, chan))
         new_nodes.append(helper.make_node(
-            FUSED[adc.op_type], [conv.input[0], conv.input[1], *adc_inputs], list(adc.output),
+            FUSED[adc.op_type], [x, chan, conv.input[1], *adc_inputs], list(adc.output),
             name=adc.name, domain=DOMAIN,
             strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
             dilations=list(attrs.get("dilations", [1, 1])), group=int(attrs.get("group", 1)),
             x_signed=attrs["x_signed"], **adc_attrs))
-    if any(adc.op_type not in N.RECOMBINE_OPS for _, adc, _ in fuse.values()):
+    if any(adc.op_type not in N.RECOMBINE_OPS for _, adc, *_ in fuse.values()):
         out.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1), np.float32), ONE))
     del out.graph.node[:]
     out.graph.node.extend(new_nodes)
     have = {f.name for f in out.functions}
-    used = sorted({FUSED[adc.op_type] for _, adc, _ in fuse.values()})
+    used = sorted({FUSED[adc.op_type] for _, adc, *_ in fuse.values()})
     out.functions.extend(f for f in function_protos(used) if f.name not in have)
     return out, len(fuse)

@@ -332,9 +332,15 @@ ADC_RECOMBINE_NONIDEAL = OpDef(
 # Conv + AdcRecombine in one op.  The compiler never writes it: a native session rewrites each
 # layer chunk's array conv and ADC into it (pimc.runtime.fuse), so the native kernel multiplies
 # bytes with exact integer sums and converts every column while it is in cache.  Its body is
-# the two ops it replaces, so the rewritten model still runs anywhere.  ``x_signed`` says how
+# the ops it replaces (Pad + Gather of the tile channels, Conv, ADC), so the rewritten model
+# still runs anywhere.  ``channels`` (int64): the channel of x each conv input channel reads,
+# x's channel count (or -1) meaning a zero channel.  ``x_signed`` says how
 # the kernel stores the integer inputs as bytes (1: in [-128, 127], shifted by 128; 0: in
 # [0, 255]); the body does not need it.
+_GATHER = """
+  zero_channel = Constant <value_ints = [0, 0, 0, 0, 0, 1, 0, 0]> ()
+  xp = Pad (x, zero_channel)
+  xg = Gather <axis = 1> (xp, channels)"""
 _CONV_ATTRS = "strides: ints = @strides, pads: ints = @pads, dilations: ints = @dilations, group: int = @group"
 
 
@@ -359,36 +365,48 @@ def conv2d_np(x, w, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1
     return out.astype(np.float32)
 
 
-def _conv_adc_recombine_np(x, w, scale, zero_point, coef, *, bits, planes, groups, tiles, slices,
+def gather_channels_np(x, channels):
+    """x's channels in the order ``channels`` gives, where index C (x's channel count) or -1
+    is an appended zero channel (the IR's Pad + Gather in front of an array conv)."""
+    x = np.asarray(x)
+    xp = np.concatenate([x, np.zeros_like(x[:, :1])], axis=1)
+    return xp[:, np.asarray(channels, np.int64)]
+
+
+def _conv_adc_recombine_np(x, channels, w, scale, zero_point, coef, *, bits, planes, groups, tiles, slices,
                            strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0):
+    x = gather_channels_np(x, channels)
     return adc_recombine_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, coef, bits=bits,
                             planes=planes, groups=groups, tiles=tiles, slices=slices)
 
 
-def _conv_adc_recombine_nonideal_np(x, w, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed,
+def _conv_adc_recombine_nonideal_np(x, channels, w, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed,
                                     planes, groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0),
                                     dilations=(1, 1), group=1, x_signed=0):
+    x = gather_channels_np(x, channels)
     return adc_recombine_nonideal_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, gain,
                                      offset, lut, coef, bits=bits, noise_sigma=noise_sigma, seed=seed, planes=planes,
                                      groups=groups, tiles=tiles, slices=slices)
 
 
 CONV_ADC_RECOMBINE = OpDef(
-    "ConvAdcRecombine", ("x", "w", "scale", "zero_point", "coef"),
+    "ConvAdcRecombine", ("x", "channels", "w", "scale", "zero_point", "coef"),
     ("strides", "pads", "dilations", "group", "x_signed", "bits", "planes", "groups", "tiles", "slices"),
     f"""
-  s = Conv <{_CONV_ATTRS}> (x, w)
+{_GATHER}
+  s = Conv <{_CONV_ATTRS}> (xg, w)
   y = {DOMAIN}.AdcRecombine <bits: int = @bits, {_RECOMBINE_ATTRS}> (s, scale, zero_point, coef)
 """,
     _conv_adc_recombine_np, uses=("AdcRecombine",),
 )
 
 CONV_ADC_RECOMBINE_NONIDEAL = OpDef(
-    "ConvAdcRecombineNonIdeal", ("x", "w", "scale", "zero_point", "gain", "offset", "lut", "coef"),
+    "ConvAdcRecombineNonIdeal", ("x", "channels", "w", "scale", "zero_point", "gain", "offset", "lut", "coef"),
     ("strides", "pads", "dilations", "group", "x_signed", "bits", "noise_sigma", "seed", "planes", "groups", "tiles",
      "slices"),
     f"""
-  s = Conv <{_CONV_ATTRS}> (x, w)
+{_GATHER}
+  s = Conv <{_CONV_ATTRS}> (xg, w)
   y = {DOMAIN}.AdcRecombineNonIdeal <bits: int = @bits, noise_sigma: float = @noise_sigma, seed: int = @seed, {_RECOMBINE_ATTRS}> (s, scale, zero_point, gain, offset, lut, coef)
 """,
     _conv_adc_recombine_nonideal_np, uses=("AdcRecombineNonIdeal",),

@@ -38,7 +38,7 @@ def fused_cases(draw):
     cell = draw(st.sampled_from([(0, 1), (-1, 1), (-8, 7), (0, 15), (-128, 127)]))
     return dict(P=P if inputs == "planes" else 1, G=G, T=T, S=S, coutg=coutg, cg=cg, k=(kh, kw), stride=stride,
                 dil=dil, pads=pads, hw=(h, w), inputs=inputs, cell=cell, B=draw(st.integers(1, 3)),
-                bits=draw(st.integers(2, 8)), seed=draw(st.integers(0, 2 ** 16)))
+                bits=draw(st.integers(2, 8)), seed=draw(st.integers(0, 2 ** 16)), gather=draw(st.booleans()))
 
 
 def _tensors(c):
@@ -47,7 +47,13 @@ def _tensors(c):
     cols = conv_groups * c["S"] * c["coutg"]
     lo, hi = {"planes": (0, 1), "unsigned8": (0, 255), "signed8": (-128, 127), "unsigned3": (0, 7),
               "signed4": (-8, 7)}[c["inputs"]]
-    x = rng.integers(lo, hi + 1, (c["P"] * c["B"], conv_groups * c["cg"], *c["hw"])).astype(np.float32)
+    n_in = conv_groups * c["cg"]
+    if c["gather"]:   # tile channels gathered from a wider input, some slots a zero channel
+        cx = int(rng.integers(1, n_in + 3))
+        chan = rng.integers(-1, cx + 1, n_in).astype(np.int64)
+    else:
+        cx, chan = n_in, np.arange(n_in, dtype=np.int64)
+    x = rng.integers(lo, hi + 1, (c["P"] * c["B"], cx, *c["hw"])).astype(np.float32)
     w = rng.integers(c["cell"][0], c["cell"][1] + 1, (cols, c["cg"], *c["k"])).astype(np.float32)
     w[rng.random(w.shape) < 0.2] = 0   # padding slots and masked rows hold zeros
     k = c["cg"] * c["k"][0] * c["k"][1]
@@ -58,11 +64,12 @@ def _tensors(c):
     attrs = dict(strides=list(c["stride"]), pads=c["pads"], dilations=list(c["dil"]), group=conv_groups,
                  x_signed=int(c["inputs"].startswith("signed")),
                  bits=c["bits"], planes=c["P"], groups=c["G"], tiles=c["T"], slices=c["S"])
-    return rng, x, w, scale, zp, coef, attrs
+    return rng, x, chan, w, scale, zp, coef, attrs
 
 
 def _run_three(op, x, consts, attrs, numpy_args):
     m = one_op_model(op, {"x": x}, consts, attrs)
+    numpy_args = (consts["channels"], *numpy_args)
     body = open_session(m, native=False).run(None, {"x": x})[0]
     nat = open_session(m, native=True).run(None, {"x": x})[0]
     ref = ops.OPS[op].numpy(x, *numpy_args, **attrs)
@@ -73,9 +80,9 @@ def _run_three(op, x, consts, attrs, numpy_args):
 @settings(max_examples=60, deadline=None)
 @given(fused_cases())
 def test_fused_ideal_three_ways(c):
-    _, x, w, scale, zp, coef, attrs = _tensors(c)
-    body, nat, ref = _run_three("ConvAdcRecombine", x, {"w": w, "scale": scale, "zp": zp, "coef": coef}, attrs,
-                                (w, scale, zp, coef))
+    _, x, chan, w, scale, zp, coef, attrs = _tensors(c)
+    body, nat, ref = _run_three("ConvAdcRecombine", x, {"channels": chan, "w": w, "scale": scale, "zp": zp,
+                                                        "coef": coef}, attrs, (w, scale, zp, coef))
     assert np.array_equal(nat, body), np.abs(nat - body).max()
     assert np.array_equal(body, ref)
 
@@ -84,14 +91,14 @@ def test_fused_ideal_three_ways(c):
 @settings(max_examples=40, deadline=None)
 @given(fused_cases(), st.sampled_from([0.0, 0.7]), st.booleans())
 def test_fused_nonideal_three_ways(c, sigma, curve):
-    rng, x, w, scale, zp, coef, attrs = _tensors(c)
+    rng, x, chan, w, scale, zp, coef, attrs = _tensors(c)
     cols = w.shape[0]
-    consts = {"w": w, "scale": scale, "zp": zp,
+    consts = {"channels": chan, "w": w, "scale": scale, "zp": zp,
               "gain": rng.normal(1, 0.05, (1, cols, 1, 1)).astype(np.float32),
               "offset": rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32),
               "lut": transfer_lut(build_chip_config(inl=1.5 if curve else 0.0), c["bits"]), "coef": coef}
     attrs = dict(attrs, noise_sigma=sigma, seed=int(c["seed"]))
-    body, nat, ref = _run_three("ConvAdcRecombineNonIdeal", x, consts, attrs, tuple(consts.values()))
+    body, nat, ref = _run_three("ConvAdcRecombineNonIdeal", x, consts, attrs, tuple(consts.values())[1:])
     assert np.array_equal(nat, body), np.abs(nat - body).max()
     assert np.array_equal(body, ref)
 
@@ -99,11 +106,13 @@ def test_fused_nonideal_three_ways(c, sigma, curve):
 @needs_native
 def test_fused_kernel_rejects_what_it_cannot_compute_exactly():
     c = dict(P=1, G=1, T=1, S=1, coutg=2, cg=2, k=(1, 1), stride=(1, 1), dil=(1, 1), pads=[0] * 4, hw=(3, 3),
-             inputs="unsigned8", cell=(0, 1), B=1, bits=4, seed=0)
-    _, x, w, scale, zp, coef, attrs = _tensors(c)
-    for bad_x, bad_w in ((x + 0.5, w), (x + 300, w), (np.minimum(x, -1), w), (x, w * 200)):
-        m = one_op_model("ConvAdcRecombine", {"x": bad_x}, {"w": bad_w, "scale": scale, "zp": zp, "coef": coef}, attrs)
-        with pytest.raises(Exception, match="ConvAdcRecombine: (inputs|weights) must be"):
+             inputs="unsigned8", cell=(0, 1), B=1, bits=4, seed=0, gather=False)
+    _, x, chan, w, scale, zp, coef, attrs = _tensors(c)
+    for bad_x, bad_w, bad_c in ((x + 0.5, w, chan), (x + 300, w, chan), (np.minimum(x, -1), w, chan),
+                                (x, w * 200, chan), (x, w, chan + 5)):
+        m = one_op_model("ConvAdcRecombine", {"x": bad_x}, {"channels": bad_c, "w": bad_w, "scale": scale, "zp": zp,
+                                                            "coef": coef}, attrs)
+        with pytest.raises(Exception, match="ConvAdcRecombine: (inputs|weights|channels) must"):
             open_session(m, native=True).run(None, {"x": bad_x})
 
 
@@ -137,9 +146,10 @@ def test_portable_build_gives_the_same_values(tmp_path):
     """PIMC_NATIVE_PORTABLE=1 builds for the baseline x86-64 (no AVX: the portable integer
     loops) into its own cache entry; its fused results equal this machine's build."""
     c = dict(P=2, G=2, T=2, S=2, coutg=5, cg=7, k=(3, 3), stride=(1, 1), dil=(1, 1), pads=[1] * 4, hw=(11, 10),
-             inputs="planes", cell=(-8, 7), B=3, bits=5, seed=11)
-    _, x, w, scale, zp, coef, attrs = _tensors(c)
-    m = one_op_model("ConvAdcRecombine", {"x": x}, {"w": w, "scale": scale, "zp": zp, "coef": coef}, attrs)
+             inputs="planes", cell=(-8, 7), B=3, bits=5, seed=11, gather=True)
+    _, x, chan, w, scale, zp, coef, attrs = _tensors(c)
+    m = one_op_model("ConvAdcRecombine", {"x": x}, {"channels": chan, "w": w, "scale": scale, "zp": zp, "coef": coef},
+                     attrs)
     (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
     np.save(tmp_path / "x.npy", x)
     code = ("import ctypes, numpy as np; from pimc.runtime.native import native_library; "

@@ -575,6 +575,7 @@ float* recombine_output(Ort::KernelContext& ctx, std::vector<int64_t> shape, con
 
 // ------------------------------------------------------------------ QuantizeInput
 struct QuantizeInputKernel {
+  static constexpr int kInt64Input = -1;  // no int64 input
   int64_t bits, sign;
   QuantizeInputKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
@@ -601,6 +602,7 @@ struct QuantizeInputKernel {
 
 // ------------------------------------------------------------------ BitPlanes
 struct BitPlanesKernel {
+  static constexpr int kInt64Input = -1;  // no int64 input
   int64_t bits;
   BitPlanesKernel(const OrtApi&, const OrtKernelInfo* info) {
     bits = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits");
@@ -628,6 +630,7 @@ struct BitPlanesKernel {
 
 // ------------------------------------------------------------------ AdcQuantize
 struct AdcKernel {
+  static constexpr int kInt64Input = -1;  // no int64 input
   int64_t bits;
   AdcKernel(const OrtApi&, const OrtKernelInfo* info) { bits = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("bits"); }
   void Compute(OrtKernelContext* context) {
@@ -655,6 +658,7 @@ struct NonIdealAttrs {
 };
 
 struct AdcNonIdealKernel : NonIdealAttrs {
+  static constexpr int kInt64Input = -1;  // no int64 input
   AdcNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) : NonIdealAttrs(info) {}
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
@@ -669,6 +673,7 @@ struct AdcNonIdealKernel : NonIdealAttrs {
 
 // ------------------------------------------------------------------ Recombine
 struct RecombineKernel {
+  static constexpr int kInt64Input = -1;  // no int64 input
   RecombineDims d;
   RecombineKernel(const OrtApi&, const OrtKernelInfo* info) : d(recombine_dims(info)) {}
   void Compute(OrtKernelContext* context) {
@@ -702,6 +707,7 @@ void convert_and_recombine(Ort::KernelContext& ctx, const Conversion& conv, cons
 }
 
 struct AdcRecombineKernel {
+  static constexpr int kInt64Input = -1;  // no int64 input
   int64_t bits;
   RecombineDims d;
   AdcRecombineKernel(const OrtApi&, const OrtKernelInfo* info)
@@ -713,6 +719,7 @@ struct AdcRecombineKernel {
 };
 
 struct AdcRecombineNonIdealKernel : NonIdealAttrs {
+  static constexpr int kInt64Input = -1;  // no int64 input
   RecombineDims d;
   AdcRecombineNonIdealKernel(const OrtApi&, const OrtKernelInfo* info) : NonIdealAttrs(info), d(recombine_dims(info)) {}
   void Compute(OrtKernelContext* context) {
@@ -849,12 +856,13 @@ inline int32_t outside(float v, float lo, float hi) {
   return static_cast<int32_t>(v != std::nearbyint(v)) | static_cast<int32_t>(v < lo) | static_cast<int32_t>(v > hi);
 }
 
-// Group grp's feed (see Plan) from the float plane x (C x H x W), each value + shift (128 for
+// Group grp's feed (see Plan) from the float plane x (cx x H x W; conv input channel c is x's
+// channel chan[c], a zero channel where that is cx or -1), each value + shift (128 for
 // signed inputs, which must lie in [-128, 127]; 0 for unsigned ones, in [0, 255]); padding
 // holds the shift (an input 0), k past the row and pixels past the plane whatever is there
 // (their weights are 0, their outputs dropped).  Throws on a value that is not such a byte.
-void feed(const float* __restrict x, const ConvGeom& g, const Plan& pl, int64_t grp, int32_t shift,
-          uint8_t* __restrict a, const char* op) {
+void feed(const float* __restrict x, const int64_t* chan, int64_t cx, const ConvGeom& g, const Plan& pl, int64_t grp,
+          int32_t shift, uint8_t* __restrict a, const char* op) {
   const uint8_t pad = static_cast<uint8_t>(shift);
   const float lo = -static_cast<float>(shift), hi = 255.0f - static_cast<float>(shift);
   int32_t bad = 0;
@@ -868,9 +876,9 @@ void feed(const float* __restrict x, const ConvGeom& g, const Plan& pl, int64_t 
       const float* src[4];
       int64_t step[4];
       for (int u = 0; u < 4; ++u) {
-        const int64_t c = cq * 4 + u;
-        src[u] = c < g.Cg ? x + (grp * g.Cg + c) * g.H * g.W : zeros.data();
-        step[u] = c < g.Cg ? g.W : 0;
+        const int64_t c = cq * 4 + u, k = c < g.Cg ? chan[grp * g.Cg + c] : -1;
+        src[u] = k >= 0 && k < cx ? x + k * g.H * g.W : zeros.data();
+        step[u] = k >= 0 && k < cx ? g.W : 0;
       }
       for (int64_t ih = 0; ih < g.H; ++ih) {
         uint8_t* d = a + ((cq * pl.Hp + ih + g.ph) * pl.Wp + g.pw) * 4;
@@ -910,8 +918,9 @@ void feed(const float* __restrict x, const ConvGeom& g, const Plan& pl, int64_t 
   } else {
     const int64_t khw = g.KH * g.KW;
     for (int64_t k = 0; k < g.K; ++k) {
-      const int64_t c = k / khw, i = (k / g.KW) % g.KH, j = k % g.KW;
-      const float* src = x + (grp * g.Cg + c) * g.H * g.W;
+      const int64_t c = k / khw, i = (k / g.KW) % g.KH, j = k % g.KW, ch = chan[grp * g.Cg + c];
+      if (ch < 0 || ch >= cx) continue;   // a zero channel: the feed holds the shift there already
+      const float* src = x + ch * g.H * g.W;
       uint8_t* dst = a + (k >> 2) * 64 + (k & 3);
       for (int64_t oh = 0; oh < g.OH; ++oh) {
         const int64_t ih = oh * g.sh - g.ph + i * g.dh;
@@ -1011,6 +1020,25 @@ void gemm(const uint8_t* a, const int8_t* w, int64_t Mg, const Plan& pl, int32_t
   }
 }
 
+// The fused op's ``channels`` input: conv input channel c reads x's channel chan[c] (cx or -1:
+// a zero channel); conv_shape is x's shape with the gathered channel count.
+struct ChannelMap {
+  const int64_t* chan;
+  int64_t cx;
+  std::vector<int64_t> conv_shape;
+  ChannelMap(Ort::KernelContext& ctx, const std::vector<int64_t>& xs, const char* op) {
+    auto cv = ctx.GetInput(1);
+    chan = cv.GetTensorData<int64_t>();
+    const int64_t n = cv.GetTensorTypeAndShapeInfo().GetElementCount();
+    if (xs.size() != 4) ORT_CXX_API_THROW(std::string(op) + ": x must be 4-D", ORT_INVALID_ARGUMENT);
+    cx = xs[1];
+    for (int64_t i = 0; i < n; ++i)
+      if (chan[i] < -1 || chan[i] > cx)
+        ORT_CXX_API_THROW(std::string(op) + ": channels must lie in [-1, x channels]", ORT_INVALID_ARGUMENT);
+    conv_shape = {xs[0], n, xs[2], xs[3]};
+  }
+};
+
 // One plane's partial sums as the epilogue reads them: column c's int32 products at ci + c *
 // ldc (pixel (oh, ow) at pl.pixel(oh, ow)), minus corr[c] (the +128 shift's share); and, where
 // the conversion asks for it (a non-ideal ADC: its noise key reads the row as floats), the
@@ -1036,16 +1064,17 @@ template <typename Conversion>
 void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const RecombineDims& d, size_t coef_input,
                         const char* op, const Conversion& conv) {
   auto xv = ctx.GetInput(0);
-  auto wv = ctx.GetInput(1);
+  auto wv = ctx.GetInput(2);
   const auto xs = xv.GetTensorTypeAndShapeInfo().GetShape();
-  const ConvGeom g = conv_geom(xs, wv.GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
+  const ChannelMap cm(ctx, xs, op);
+  const ConvGeom g = conv_geom(cm.conv_shape, wv.GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
   const Plan pl = plan_of(g);
   const PackedWeights pw(wv.GetTensorData<float>(), g, pl, op);
   const float* x = xv.GetTensorData<float>();
   const float* coef = ctx.GetInput(coef_input).GetTensorData<float>();
   int64_t B, coutg;
   float* y = recombine_output(ctx, {xs[0], g.M, g.OH, g.OW}, d, op, B, coutg);
-  const int64_t cout = d.G * coutg, plane = g.C * g.H * g.W, ldc = pl.NB * 16;
+  const int64_t cout = d.G * coutg, plane = cm.cx * g.H * g.W, ldc = pl.NB * 16;
   if (B * cout * g.N == 0) return;
   const int32_t shift = attrs.x_signed ? 128 : 0;
   std::vector<int32_t> corr(g.M);
@@ -1071,7 +1100,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
     for (int64_t p = 0; p < d.P; ++p) {
       const int64_t r = p * B + b;
       for (int64_t grp = 0; grp < g.G; ++grp) {
-        feed(x + r * plane, g, pl, grp, shift, a.data(), op);
+        feed(x + r * plane, cm.chan, cm.cx, g, pl, grp, shift, a.data(), op);
         gemm(a.data(), pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci.data() + grp * g.Mg * ldc);
       }
       if (Conversion::kRow)
@@ -1140,6 +1169,7 @@ struct NonIdealFromRow {
 };
 
 struct ConvAdcRecombineKernel {
+  static constexpr int kInt64Input = 1;  // channels
   ConvAttrs attrs;
   int64_t bits;
   RecombineDims d;
@@ -1148,14 +1178,15 @@ struct ConvAdcRecombineKernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const char* op = "ConvAdcRecombine";
-    const int64_t cols = ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape()[0];
-    const IdealFromProducts conv{col_param(ctx, 2, cols, op, "scale"), col_param(ctx, 3, cols, op, "zero_point"),
+    const int64_t cols = ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape()[0];
+    const IdealFromProducts conv{col_param(ctx, 3, cols, op, "scale"), col_param(ctx, 4, cols, op, "zero_point"),
                                  std::pow(2.0f, static_cast<float>(bits)) - 1.0f};
-    conv_adc_recombine(ctx, attrs, d, 4, op, conv);
+    conv_adc_recombine(ctx, attrs, d, 5, op, conv);
   }
 };
 
 struct ConvAdcRecombineNonIdealKernel : NonIdealAttrs {
+  static constexpr int kInt64Input = 1;  // channels
   ConvAttrs attrs;
   RecombineDims d;
   ConvAdcRecombineNonIdealKernel(const OrtApi&, const OrtKernelInfo* info)
@@ -1164,9 +1195,10 @@ struct ConvAdcRecombineNonIdealKernel : NonIdealAttrs {
     Ort::KernelContext ctx(context);
     const char* op = "ConvAdcRecombineNonIdeal";
     const auto xs = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
-    const ConvGeom g = conv_geom(xs, ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
-    const NonIdeal ni(ctx, op, bits, seed, sigma, 2, {xs[0], g.M, g.OH, g.OW}, nullptr);
-    conv_adc_recombine(ctx, attrs, d, 7, op, NonIdealFromRow{ni});
+    const ChannelMap cm(ctx, xs, op);
+    const ConvGeom g = conv_geom(cm.conv_shape, ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
+    const NonIdeal ni(ctx, op, bits, seed, sigma, 3, {xs[0], g.M, g.OH, g.OW}, nullptr);
+    conv_adc_recombine(ctx, attrs, d, 8, op, NonIdealFromRow{ni});
   }
 };
 
@@ -1178,7 +1210,10 @@ struct Op : Ort::CustomOpBase<Op<Kernel, NIn>, Kernel> {
   const char* GetName() const { return name; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return NIn; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return Kernel::kInt64Input == static_cast<int>(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                                                      : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
@@ -1194,8 +1229,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   static Op<RecombineKernel, 2> recombine("Recombine");
   static Op<AdcRecombineKernel, 4> adc_recombine("AdcRecombine");
   static Op<AdcRecombineNonIdealKernel, 7> adc_recombine_nonideal("AdcRecombineNonIdeal");
-  static Op<ConvAdcRecombineKernel, 5> conv_adc_recombine("ConvAdcRecombine");
-  static Op<ConvAdcRecombineNonIdealKernel, 8> conv_adc_recombine_nonideal("ConvAdcRecombineNonIdeal");
+  static Op<ConvAdcRecombineKernel, 6> conv_adc_recombine("ConvAdcRecombine");
+  static Op<ConvAdcRecombineNonIdealKernel, 9> conv_adc_recombine_nonideal("ConvAdcRecombineNonIdeal");
   static Ort::CustomOpDomain domain{"ai.pimc"};
   static std::once_flag once;
   OrtStatus* status = nullptr;
