@@ -451,11 +451,17 @@ struct NonIdeal {
   // in [0, 15]): judged on the first 1024 values of up to 16 rows spread over the
   // batch, and where each column's table serves at least 4 values per entry.
   bool table_pays() const {
-    const int64_t row = sh.cols * sh.inner, nv = std::min<int64_t>(row, 1024) & ~int64_t{7};
     const int64_t nr = std::min<int64_t>(sh.rows, 16);
+    std::vector<const float*> rows(nr);
+    for (int64_t j = 0; j < nr; ++j) rows[j] = sp + (j * sh.rows / nr) * sh.cols * sh.inner;
+    return table_pays(rows);
+  }
+
+  // the same judgement on the given rows (the fused op: its first plane's)
+  bool table_pays(const std::vector<const float*>& rows) const {
+    const int64_t row = sh.cols * sh.inner, nv = std::min<int64_t>(row, 1024) & ~int64_t{7};
     int64_t groups = 0, fast = 0;
-    for (int64_t j = 0; j < nr; ++j) {
-      const float* in = sp + (j * sh.rows / nr) * row;
+    for (const float* in : rows) {
       for (int64_t i = 0; i < nv; i += 8) {
         bool ok = true;
         for (int64_t u = 0; u < 8; ++u) ok = ok && tabulated(in[i + u], 16);
@@ -490,13 +496,20 @@ struct NonIdeal {
     run_column(sp + (r * sh.cols + c) * sh.inner, c, noisy ? key[r] : 0u, out);
   }
 
-  // convert values n0 .. n0+len-1 of column c of ``row`` (a whole row of partial sums, no
-  // table) whose key is ``rkey`` into out[0 .. len-1]
+  // convert values n0 .. n0+len-1 of column c of ``row`` (a whole row of partial sums) whose
+  // key is ``rkey`` into out[0 .. len-1]
   template <typename Sink>
   void run_range(const float* row, int64_t c, int64_t n0, int64_t len, uint32_t rkey, const Sink& out) const {
     Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, rkey};
     const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner + n0 : nullptr;
-    convert_any(identity, noisy, row + c * sh.inner + n0, out, mc, len, col, pairs.data());
+    const float* in = row + c * sh.inner + n0;
+    if (ntab > 0) {
+      const float* t = tab.data() + c * ntab;
+      if (noisy) convert_tabulated<true>(in, out, mc, len, col, pairs.data(), t, ntab);
+      else convert_tabulated<false>(in, out, mc, len, col, pairs.data(), t, ntab);
+      return;
+    }
+    convert_any(identity, noisy, in, out, mc, len, col, pairs.data());
   }
 
   // convert column c of a row whose key is ``rkey`` from ``in`` (sh.inner values) into out
@@ -1084,6 +1097,27 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
   // when the last plane is written (cheaper than short segments of one output row each).
   const bool padded = !Conversion::kRow && pl.pixel(1, 0, g) != g.OW;
   const int64_t dom = padded ? pl.pixel(g.OH - 1, g.OW, g) : g.N;
+  // products of one plane of image b, p into ci (M x ldc), and the float row if asked
+  auto products = [&](int64_t r, uint8_t* a, int32_t* ci, float* srow) {
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      feed(x + r * plane, cm.chan, cm.cx, g, pl, grp, shift, a, op);
+      gemm(a, pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci + grp * g.Mg * ldc);
+    }
+    if (srow != nullptr)
+      for (int64_t c = 0; c < g.M; ++c)
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const int32_t* sr = ci + c * ldc + pl.pixel(oh, 0, g);
+          float* dst = srow + c * g.N + oh * g.OW;
+          for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<float>(sr[ow] - corr[c]);
+        }
+  };
+  if (Conversion::kRow) {   // the conversion's one look at real partial sums (image 0, plane 0)
+    std::vector<uint8_t> a0(pl.feed_bytes);
+    std::vector<int32_t> c0(g.M * ldc);
+    std::vector<float> r0(g.M * g.N);
+    products(0, a0.data(), c0.data(), r0.data());
+    conv.prepare(ctx, r0.data());
+  }
   parallel(ctx, B, [&](int64_t b) {
     thread_local std::vector<uint8_t> a;
     thread_local std::vector<int32_t> ci;
@@ -1098,18 +1132,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
     float* out = y + b * cout * g.N;
     const PlaneView view{ci.data(), ldc, corr.data(), srow.data(), g.N};
     for (int64_t p = 0; p < d.P; ++p) {
-      const int64_t r = p * B + b;
-      for (int64_t grp = 0; grp < g.G; ++grp) {
-        feed(x + r * plane, cm.chan, cm.cx, g, pl, grp, shift, a.data(), op);
-        gemm(a.data(), pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci.data() + grp * g.Mg * ldc);
-      }
-      if (Conversion::kRow)
-        for (int64_t c = 0; c < g.M; ++c)
-          for (int64_t oh = 0; oh < g.OH; ++oh) {
-            const int32_t* sr = ci.data() + c * ldc + pl.pixel(oh, 0, g);
-            float* dst = srow.data() + c * g.N + oh * g.OW;
-            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<float>(sr[ow] - corr[c]);
-          }
+      products(p * B + b, a.data(), ci.data(), Conversion::kRow ? srow.data() : nullptr);
       const auto state = conv.begin(view);
       const bool first = p == 0, last = p == d.P - 1;
       for (int64_t gg = 0; gg < d.G; ++gg)
@@ -1146,6 +1169,7 @@ struct IdealFromProducts {
   static constexpr bool kRow = false;
   ColParam sc, zp;
   float top;
+  void prepare(Ort::KernelContext&, const float*) const {}
   uint32_t begin(const PlaneView&) const { return 0u; }
   void convert(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t, float* v) const {
     const int32_t* in = pv.ci + c * pv.ldc + n0;
@@ -1161,7 +1185,11 @@ struct IdealFromProducts {
 
 struct NonIdealFromRow {
   static constexpr bool kRow = true;
-  const NonIdeal& ni;
+  NonIdeal& ni;
+  // a curve is tabulated per column where the first image's first plane says it pays
+  void prepare(Ort::KernelContext& ctx, const float* row) const {
+    if (!ni.identity && ni.table_pays({row})) ni.tabulate(ctx);
+  }
   uint32_t begin(const PlaneView& pv) const { return ni.noisy ? ni.row_key(pv.row) : 0u; }
   void convert(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t key, float* v) const {
     ni.run_range(pv.row, c, n0, len, key, Store{v});
@@ -1197,7 +1225,7 @@ struct ConvAdcRecombineNonIdealKernel : NonIdealAttrs {
     const auto xs = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
     const ChannelMap cm(ctx, xs, op);
     const ConvGeom g = conv_geom(cm.conv_shape, ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape(), attrs, op);
-    const NonIdeal ni(ctx, op, bits, seed, sigma, 3, {xs[0], g.M, g.OH, g.OW}, nullptr);
+    NonIdeal ni(ctx, op, bits, seed, sigma, 3, {xs[0], g.M, g.OH, g.OW}, nullptr);
     conv_adc_recombine(ctx, attrs, d, 8, op, NonIdealFromRow{ni});
   }
 };
