@@ -611,6 +611,7 @@ def native_cmd(fetch_headers, rebuild):
     header_api, runtime_api = native.api_versions(inc)
     click.echo(f"headers: {inc} (onnxruntime C API version {header_api if header_api is not None else 'unknown'})")
     click.echo(f"library: {lib}")
+    click.echo(f"integer products of the fused array ops: {native.isa(lib)}")
     if header_api is None:
         click.echo("api: the headers' C API version could not be read")
     elif header_api <= runtime_api:

@@ -138,6 +138,15 @@ def native_library() -> Path | None:
     return path
 
 
+def isa(lib: Path) -> str:
+    """Which integer product the built library's fused array ops use: "vnni" (AVX-512 VNNI)
+    or "portable" (plain loops; a CPU without AVX-512 VNNI, or PIMC_NATIVE_PORTABLE=1)."""
+    import ctypes
+    f = ctypes.CDLL(str(lib)).PimcNativeIsa
+    f.restype = ctypes.c_char_p
+    return f().decode()
+
+
 def fetch_headers(verbose: bool = True) -> Path:
     """Download Debian's libonnxruntime-dev and unpack its headers into the cache."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:

@@ -153,10 +153,9 @@ def test_portable_build_gives_the_same_values(tmp_path):
                      attrs)
     (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
     np.save(tmp_path / "x.npy", x)
-    code = ("import ctypes, numpy as np; from pimc.runtime.native import native_library; "
+    code = ("import numpy as np; from pimc.runtime.native import isa, native_library; "
             "from pimc.runtime.session import open_session; "
-            "lib = ctypes.CDLL(str(native_library())); lib.PimcNativeIsa.restype = ctypes.c_char_p; "
-            f"print(lib.PimcNativeIsa().decode()); "
+            "print(isa(native_library())); "
             f"np.save(r'{tmp_path / 'y.npy'}', open_session(r'{tmp_path / 'm.onnx'}', native=True)"
             f".run(None, {{'x': np.load(r'{tmp_path / 'x.npy'}')}})[0])")
     env = dict(os.environ, PIMC_NATIVE_PORTABLE="1")
