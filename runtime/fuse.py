@@ -101,11 +101,13 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             w = numpy_helper.to_array(inits[conv.input[1]])
             if w.ndim != 4 or not _integer_bytes(w):
                 continue
-            signed = 0 if (L.slicing.planes > 1 or L.slicing.bit_serial) else int(L.input_quant.signed)
+            planes = L.slicing.planes > 1 or L.slicing.bit_serial
+            signed = 0 if planes else int(L.input_quant.signed)
             gathered = _gather_source(conv, producers, inits, readers)
             if gathered is None:
                 gathered = (conv.input[0], np.arange(w.shape[1] * int(attrs.get("group", 1)), dtype=np.int64), [])
-            fuse[conv.name] = (conv, adc, dict(attrs, x_signed=signed), *gathered)
+            fuse[conv.name] = (conv, adc, dict(attrs, x_signed=signed, x_bits=1 if planes else L.input_quant.bits),
+                               *gathered)
     if not fuse:
         return model, 0
     out = onnx.ModelProto()
@@ -137,7 +139,7 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             name=adc.name, domain=DOMAIN,
             strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
             dilations=list(attrs.get("dilations", [1, 1])), group=int(attrs.get("group", 1)),
-            x_signed=attrs["x_signed"], **adc_attrs))
+            x_signed=attrs["x_signed"], x_bits=int(attrs["x_bits"]), **adc_attrs))
     if any(adc.op_type not in N.RECOMBINE_OPS for _, adc, *_ in fuse.values()):
         out.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1), np.float32), ONE))
     del out.graph.node[:]

@@ -374,7 +374,7 @@ def gather_channels_np(x, channels):
 
 
 def _conv_adc_recombine_np(x, channels, w, scale, zero_point, coef, *, bits, planes, groups, tiles, slices,
-                           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0):
+                           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0, x_bits=8):
     x = gather_channels_np(x, channels)
     return adc_recombine_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, coef, bits=bits,
                             planes=planes, groups=groups, tiles=tiles, slices=slices)
@@ -382,7 +382,7 @@ def _conv_adc_recombine_np(x, channels, w, scale, zero_point, coef, *, bits, pla
 
 def _conv_adc_recombine_nonideal_np(x, channels, w, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed,
                                     planes, groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0),
-                                    dilations=(1, 1), group=1, x_signed=0):
+                                    dilations=(1, 1), group=1, x_signed=0, x_bits=8):
     x = gather_channels_np(x, channels)
     return adc_recombine_nonideal_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, gain,
                                      offset, lut, coef, bits=bits, noise_sigma=noise_sigma, seed=seed, planes=planes,
@@ -391,7 +391,7 @@ def _conv_adc_recombine_nonideal_np(x, channels, w, scale, zero_point, gain, off
 
 CONV_ADC_RECOMBINE = OpDef(
     "ConvAdcRecombine", ("x", "channels", "w", "scale", "zero_point", "coef"),
-    ("strides", "pads", "dilations", "group", "x_signed", "bits", "planes", "groups", "tiles", "slices"),
+    ("strides", "pads", "dilations", "group", "x_signed", "x_bits", "bits", "planes", "groups", "tiles", "slices"),
     f"""
 {_GATHER}
   s = Conv <{_CONV_ATTRS}> (xg, w)
@@ -402,8 +402,8 @@ CONV_ADC_RECOMBINE = OpDef(
 
 CONV_ADC_RECOMBINE_NONIDEAL = OpDef(
     "ConvAdcRecombineNonIdeal", ("x", "channels", "w", "scale", "zero_point", "gain", "offset", "lut", "coef"),
-    ("strides", "pads", "dilations", "group", "x_signed", "bits", "noise_sigma", "seed", "planes", "groups", "tiles",
-     "slices"),
+    ("strides", "pads", "dilations", "group", "x_signed", "x_bits", "bits", "noise_sigma", "seed", "planes", "groups",
+     "tiles", "slices"),
     f"""
 {_GATHER}
   s = Conv <{_CONV_ATTRS}> (xg, w)

@@ -757,12 +757,13 @@ struct ConvGeom {
 };
 
 struct ConvAttrs {
-  int64_t group, x_signed;
+  int64_t group, x_signed, x_bits;
   std::vector<int64_t> strides, pads, dilations;
   explicit ConvAttrs(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     group = ki.GetAttribute<int64_t>("group");
     x_signed = ki.GetAttribute<int64_t>("x_signed");
+    x_bits = ki.GetAttribute<int64_t>("x_bits");
     strides = ki.GetAttributes<int64_t>("strides");
     pads = ki.GetAttributes<int64_t>("pads");
     dilations = ki.GetAttributes<int64_t>("dilations");
@@ -1033,6 +1034,140 @@ void gemm(const uint8_t* a, const int8_t* w, int64_t Mg, const Plan& pl, int32_t
   }
 }
 
+// ---- binary products (bit planes times 1-bit cells): AND + popcount
+// Where every input is 0 or 1 (x_bits = 1: bit planes) and every cell 0 or 1, a product is
+// popcount(input bits & weight bits) over words of 32 k's.  Stride-1 convs only (the direct
+// layout): the group's inputs go to a padded byte plane [channel][Hp][Wp]; pixel n' = oh * Wp
+// + ow then reads k = (c, i, j) at byte n' + c*Hp*Wp + i*dh*Wp + j*dw, and its bits are packed
+// 16 pixels at a time into words [pixel block][k / 32][16 lanes].  Counts are exact integers:
+// the same int32 products as the byte path, so the epilogue is shared.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VPOPCNTDQ__)
+constexpr bool kPopcount = true;
+#else
+constexpr bool kPopcount = false;
+#endif
+
+struct BinaryPlan {
+  bool on = false;
+  int64_t Kw = 0, plane_bytes = 0, words_bytes = 0;
+  std::vector<int64_t> off;        // byte offset of k in the padded plane
+  std::vector<uint32_t> w;         // [row][Kw] weight bits
+};
+
+BinaryPlan binary_plan(const float* wf, const ConvGeom& g, const Plan& pl, int64_t x_bits) {
+  BinaryPlan b;
+  if (!kPopcount || x_bits != 1 || !pl.direct) return b;
+  for (int64_t i = 0; i < g.M * g.K; ++i)
+    if (wf[i] != 0.0f && wf[i] != 1.0f) return b;
+  b.on = true;
+  b.Kw = (g.K + 31) / 32;
+  b.plane_bytes = g.Cg * pl.Hp * pl.Wp + pl.NB * 16 + 64;
+  b.words_bytes = pl.NB * b.Kw * 64;
+  b.off.resize(g.K);
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t c = k / (g.KH * g.KW), i = (k / g.KW) % g.KH, j = k % g.KW;
+    b.off[k] = c * pl.Hp * pl.Wp + i * g.dh * pl.Wp + j * g.dw;
+  }
+  b.w.assign(g.M * b.Kw, 0u);
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t k = 0; k < g.K; ++k)
+      if (wf[m * g.K + k] != 0.0f) b.w[m * b.Kw + k / 32] |= 1u << (k % 32);
+  return b;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VPOPCNTDQ__)
+// Group grp's padded byte plane and its packed bit words (into a: plane, then words).
+void feed_bits(const float* __restrict x, const int64_t* chan, int64_t cx, const ConvGeom& g, const Plan& pl,
+               const BinaryPlan& bp, int64_t grp, uint8_t* __restrict a, const char* op) {
+  uint8_t* p8 = a;
+  uint32_t* words = reinterpret_cast<uint32_t*>(a + ((bp.plane_bytes + 63) & ~int64_t{63}));
+  std::fill(p8, p8 + bp.plane_bytes, uint8_t{0});
+  __mmask16 bad = 0;
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < g.Cg; ++c) {
+    const int64_t ch = chan[grp * g.Cg + c];
+    if (ch < 0 || ch >= cx) continue;
+    const float* src = x + ch * g.H * g.W;
+    for (int64_t ih = 0; ih < g.H; ++ih) {
+      uint8_t* d = p8 + (c * pl.Hp + ih + g.ph) * pl.Wp + g.pw;
+      for (int64_t iw = 0; iw < g.W; iw += 16) {
+        const __mmask16 in = g.W - iw >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.W - iw)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(in, src + ih * g.W + iw);
+        const __mmask16 is1 = _mm512_cmp_ps_mask(v, one, _CMP_EQ_OQ);
+        bad |= in & ~(is1 | _mm512_cmp_ps_mask(v, zero, _CMP_EQ_OQ));
+        _mm_mask_storeu_epi8(d + iw, in, _mm_maskz_mov_epi8(is1, _mm_set1_epi8(1)));
+      }
+    }
+  }
+  if (bad) ORT_CXX_API_THROW(std::string(op) + ": bit-plane inputs must be 0 or 1 (x_bits = 1)", ORT_INVALID_ARGUMENT);
+  for (int64_t nb = 0; nb < pl.NB; ++nb)
+    for (int64_t kw = 0; kw < bp.Kw; ++kw) {
+      __m512i word = _mm512_setzero_si512();
+      const int64_t k1 = std::min(g.K, (kw + 1) * 32);
+      for (int64_t k = kw * 32; k < k1; ++k) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p8 + nb * 16 + bp.off[k])));
+        word = _mm512_or_si512(word, _mm512_slli_epi32(v, static_cast<unsigned>(k - kw * 32)));
+      }
+      _mm512_storeu_si512(words + (nb * bp.Kw + kw) * 16, word);
+    }
+}
+
+template <int MR, int NBK>
+inline void popcount_block(const uint32_t* __restrict words, const uint32_t* __restrict w, int64_t Kw, int64_t nb0,
+                           int32_t* out, int64_t ld) {
+  __m512i acc[MR][NBK];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t kw = 0; kw < Kw; ++kw) {
+    __m512i av[NBK];
+#pragma GCC unroll 4
+    for (int j = 0; j < NBK; ++j) av[j] = _mm512_loadu_si512(words + ((nb0 + j) * Kw + kw) * 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i bw = _mm512_set1_epi32(static_cast<int32_t>(w[i * Kw + kw]));
+#pragma GCC unroll 4
+      for (int j = 0; j < NBK; ++j)
+        acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_popcnt_epi32(_mm512_and_si512(av[j], bw)));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NBK; ++j) _mm512_storeu_si512(out + i * ld + (nb0 + j) * 16, acc[i][j]);
+}
+
+template <int MR>
+void popcount_rows(const uint32_t* words, const uint32_t* w, int64_t Kw, int64_t NB, int32_t* out, int64_t ld) {
+  int64_t nb = 0;
+  for (; nb + 3 <= NB; nb += 3) popcount_block<MR, 3>(words, w, Kw, nb, out, ld);
+  if (NB - nb == 2) popcount_block<MR, 2>(words, w, Kw, nb, out, ld);
+  if (NB - nb == 1) popcount_block<MR, 1>(words, w, Kw, nb, out, ld);
+}
+
+void gemm_bits(const uint8_t* a, const BinaryPlan& bp, const uint32_t* w, int64_t Mg, const Plan& pl, int32_t* out) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(a + ((bp.plane_bytes + 63) & ~int64_t{63}));
+  const int64_t ld = pl.NB * 16, K = bp.Kw;
+  int64_t m = 0;
+  for (; m + 8 <= Mg; m += 8) popcount_rows<8>(words, w + m * K, K, pl.NB, out + m * ld, ld);
+  switch (Mg - m) {
+    case 7: popcount_rows<7>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
+    case 6: popcount_rows<6>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
+    case 5: popcount_rows<5>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
+    case 4: popcount_rows<4>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
+    case 3: popcount_rows<3>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
+    case 2: popcount_rows<2>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
+    case 1: popcount_rows<1>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
+    default: break;
+  }
+}
+#else
+void feed_bits(const float*, const int64_t*, int64_t, const ConvGeom&, const Plan&, const BinaryPlan&, int64_t, uint8_t*,
+               const char*) {}
+void gemm_bits(const uint8_t*, const BinaryPlan&, const uint32_t*, int64_t, const Plan&, int32_t*) {}
+#endif
+
 // The fused op's ``channels`` input: conv input channel c reads x's channel chan[c] (cx or -1:
 // a zero channel); conv_shape is x's shape with the gathered channel count.
 struct ChannelMap {
@@ -1098,8 +1233,15 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
   const bool padded = !Conversion::kRow && pl.pixel(1, 0, g) != g.OW;
   const int64_t dom = padded ? pl.pixel(g.OH - 1, g.OW, g) : g.N;
   // products of one plane of image b, p into ci (M x ldc), and the float row if asked
+  const BinaryPlan bp = binary_plan(wv.GetTensorData<float>(), g, pl, attrs.x_bits);
+  const int64_t feed_bytes = bp.on ? ((bp.plane_bytes + 63) & ~int64_t{63}) + bp.words_bytes : pl.feed_bytes;
   auto products = [&](int64_t r, uint8_t* a, int32_t* ci, float* srow) {
     for (int64_t grp = 0; grp < g.G; ++grp) {
+      if (bp.on) {
+        feed_bits(x + r * plane, cm.chan, cm.cx, g, pl, bp, grp, a, op);
+        gemm_bits(a, bp, bp.w.data() + grp * g.Mg * bp.Kw, g.Mg, pl, ci + grp * g.Mg * ldc);
+        continue;
+      }
       feed(x + r * plane, cm.chan, cm.cx, g, pl, grp, shift, a, op);
       gemm(a, pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci + grp * g.Mg * ldc);
     }
@@ -1112,7 +1254,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
         }
   };
   if (Conversion::kRow) {   // the conversion's one look at real partial sums (image 0, plane 0)
-    std::vector<uint8_t> a0(pl.feed_bytes);
+    std::vector<uint8_t> a0(feed_bytes);
     std::vector<int32_t> c0(g.M * ldc);
     std::vector<float> r0(g.M * g.N);
     products(0, a0.data(), c0.data(), r0.data());
@@ -1124,7 +1266,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
     thread_local std::vector<float> srow;
     thread_local std::vector<double> acc;
     thread_local std::vector<float> ypad;
-    a.resize(pl.feed_bytes);
+    a.resize(feed_bytes + 64);
     ci.resize(g.M * ldc);
     if (Conversion::kRow) srow.resize(g.M * g.N);
     if (d.P > 1) acc.resize(cout * dom);
@@ -1283,5 +1425,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
 
 extern "C" const char* PimcNativeVersion() { return "pimc-native 2"; }
 
-// The integer product the fused array ops use: "vnni" (AVX-512 VNNI) or "portable".
-extern "C" const char* PimcNativeIsa() { return kVnni ? "vnni" : "portable"; }
+// The integer products the fused array ops use: "vnni" (AVX-512 VNNI bytes), "+popcount"
+// (AND + popcount for bit planes times 1-bit cells), or "portable".
+extern "C" const char* PimcNativeIsa() {
+  return kVnni ? (kPopcount ? "vnni+popcount" : "vnni") : (kPopcount ? "popcount" : "portable");
+}
