@@ -1199,13 +1199,14 @@ struct PlaneView {
   int64_t N;
 };
 
-// Fused kernel body shared by the ideal and non-ideal ops.  ``conv`` provides
-// ``kRow`` (whether it reads the float row), ``begin(view)`` (what a plane's conversions need:
-// the noise key) and ``convert(view, c, n0, len, that, v)``: values n0 .. n0+len-1 of column
-// c (pixels of the float row, or of the products' layout) converted into v.  Each output
-// channel's pixels are taken kPixBlock at a time: the block's float64 sums stay in L1 while its (tile, slice) columns
-// are added in AdcRecombine's order (planes, then tiles, then slices; acc += double(v) * k
-// each), so the values are bit identical to it, and the last plane writes float32 directly.
+// Fused kernel body shared by the ideal and non-ideal ops.  ``conv`` provides ``kRow``
+// (whether it reads the float row), ``prepare(ctx, row)`` (one look at image 0's first plane,
+// before the parallel part), ``begin(view)`` (what a plane's conversions need: the noise key)
+// and ``convert(view, c, n0, len, that, v)``: values n0 .. n0+len-1 of column c (pixels of the
+// float row, or of the products' layout) converted into v.  Each output channel's pixels are
+// taken kPixBlock at a time: the block's float64 sums stay in L1 while its (tile, slice)
+// columns are added in AdcRecombine's order (planes, then tiles, then slices; acc += double(v)
+// * k each), so the values are bit identical to it, and the last plane writes float32 directly.
 constexpr int64_t kPixBlock = 64;
 
 template <typename Conversion>
