@@ -17,6 +17,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -1009,29 +1010,37 @@ inline void gemm_block(const uint8_t* __restrict a, const int8_t* __restrict w, 
 }
 #endif
 
-template <int MR>
-void gemm_rows(const uint8_t* a, const int8_t* w, const Plan& pl, int32_t* out, int64_t ld) {
-  int64_t nb = 0;
-  for (; nb + 3 <= pl.NB; nb += 3) gemm_block<MR, 3>(a, w, pl, nb, out, ld);
-  if (pl.NB - nb == 2) gemm_block<MR, 2>(a, w, pl, nb, out, ld);
-  if (pl.NB - nb == 1) gemm_block<MR, 1>(a, w, pl, nb, out, ld);
+// Calls f(rows, blocks, m, nb) (rows and blocks as std::integral_constant) over Mg weight rows,
+// 8 at a time and then the rest, and NB pixel blocks, 3 at a time and then the rest: the one
+// blocking of both integer products (bytes and bits).
+template <typename F>
+void for_blocks(int64_t Mg, int64_t NB, F&& f) {
+  auto rows = [&](auto mr, int64_t m) {
+    int64_t nb = 0;
+    for (; nb + 3 <= NB; nb += 3) f(mr, std::integral_constant<int, 3>{}, m, nb);
+    if (NB - nb == 2) f(mr, std::integral_constant<int, 2>{}, m, nb);
+    if (NB - nb == 1) f(mr, std::integral_constant<int, 1>{}, m, nb);
+  };
+  int64_t m = 0;
+  for (; m + 8 <= Mg; m += 8) rows(std::integral_constant<int, 8>{}, m);
+  switch (Mg - m) {
+    case 7: rows(std::integral_constant<int, 7>{}, m); break;
+    case 6: rows(std::integral_constant<int, 6>{}, m); break;
+    case 5: rows(std::integral_constant<int, 5>{}, m); break;
+    case 4: rows(std::integral_constant<int, 4>{}, m); break;
+    case 3: rows(std::integral_constant<int, 3>{}, m); break;
+    case 2: rows(std::integral_constant<int, 2>{}, m); break;
+    case 1: rows(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
 }
 
 // int32 products of Mg weight rows (from w) with a group's feed: out is Mg x (16 NB)
 void gemm(const uint8_t* a, const int8_t* w, int64_t Mg, const Plan& pl, int32_t* out) {
   const int64_t ld = pl.NB * 16, wr = pl.Kq * 4;
-  int64_t m = 0;
-  for (; m + 8 <= Mg; m += 8) gemm_rows<8>(a, w + m * wr, pl, out + m * ld, ld);
-  switch (Mg - m) {
-    case 7: gemm_rows<7>(a, w + m * wr, pl, out + m * ld, ld); break;
-    case 6: gemm_rows<6>(a, w + m * wr, pl, out + m * ld, ld); break;
-    case 5: gemm_rows<5>(a, w + m * wr, pl, out + m * ld, ld); break;
-    case 4: gemm_rows<4>(a, w + m * wr, pl, out + m * ld, ld); break;
-    case 3: gemm_rows<3>(a, w + m * wr, pl, out + m * ld, ld); break;
-    case 2: gemm_rows<2>(a, w + m * wr, pl, out + m * ld, ld); break;
-    case 1: gemm_rows<1>(a, w + m * wr, pl, out + m * ld, ld); break;
-    default: break;
-  }
+  for_blocks(Mg, pl.NB, [&](auto mr, auto nbk, int64_t m, int64_t nb) {
+    gemm_block<decltype(mr)::value, decltype(nbk)::value>(a, w + m * wr, pl, nb, out + m * ld, ld);
+  });
 }
 
 // ---- binary products (bit planes times 1-bit cells): AND + popcount
@@ -1138,29 +1147,12 @@ inline void popcount_block(const uint32_t* __restrict words, const uint32_t* __r
     for (int j = 0; j < NBK; ++j) _mm512_storeu_si512(out + i * ld + (nb0 + j) * 16, acc[i][j]);
 }
 
-template <int MR>
-void popcount_rows(const uint32_t* words, const uint32_t* w, int64_t Kw, int64_t NB, int32_t* out, int64_t ld) {
-  int64_t nb = 0;
-  for (; nb + 3 <= NB; nb += 3) popcount_block<MR, 3>(words, w, Kw, nb, out, ld);
-  if (NB - nb == 2) popcount_block<MR, 2>(words, w, Kw, nb, out, ld);
-  if (NB - nb == 1) popcount_block<MR, 1>(words, w, Kw, nb, out, ld);
-}
-
 void gemm_bits(const uint8_t* a, const BinaryPlan& bp, const uint32_t* w, int64_t Mg, const Plan& pl, int32_t* out) {
   const uint32_t* words = reinterpret_cast<const uint32_t*>(a + ((bp.plane_bytes + 63) & ~int64_t{63}));
   const int64_t ld = pl.NB * 16, K = bp.Kw;
-  int64_t m = 0;
-  for (; m + 8 <= Mg; m += 8) popcount_rows<8>(words, w + m * K, K, pl.NB, out + m * ld, ld);
-  switch (Mg - m) {
-    case 7: popcount_rows<7>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
-    case 6: popcount_rows<6>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
-    case 5: popcount_rows<5>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
-    case 4: popcount_rows<4>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
-    case 3: popcount_rows<3>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
-    case 2: popcount_rows<2>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
-    case 1: popcount_rows<1>(words, w + m * K, K, pl.NB, out + m * ld, ld); break;
-    default: break;
-  }
+  for_blocks(Mg, pl.NB, [&](auto mr, auto nbk, int64_t m, int64_t nb) {
+    popcount_block<decltype(mr)::value, decltype(nbk)::value>(words, w + m * K, K, nb, out + m * ld, ld);
+  });
 }
 #else
 void feed_bits(const float*, const int64_t*, int64_t, const ConvGeom&, const Plan&, const BinaryPlan&, int64_t, uint8_t*,
