@@ -494,7 +494,7 @@ struct NonIdeal {
   // convert row r, column c into out (sh.inner values)
   template <typename Sink>
   void run(int64_t r, int64_t c, const Sink& out) const {
-    run_column(sp + (r * sh.cols + c) * sh.inner, c, noisy ? key[r] : 0u, out);
+    run_range(sp + r * sh.cols * sh.inner, c, 0, sh.inner, noisy ? key[r] : 0u, out);
   }
 
   // convert values n0 .. n0+len-1 of column c of ``row`` (a whole row of partial sums) whose
@@ -511,20 +511,6 @@ struct NonIdeal {
       return;
     }
     convert_any(identity, noisy, in, out, mc, len, col, pairs.data());
-  }
-
-  // convert column c of a row whose key is ``rkey`` from ``in`` (sh.inner values) into out
-  template <typename Sink>
-  void run_column(const float* in, int64_t c, uint32_t rkey, const Sink& out) const {
-    Column col{sc.at(c), zp.at(c), gn.at(c), of.at(c), top, ss, rkey};
-    const uint32_t* mc = noisy ? mixed_counter.data() + c * sh.inner : nullptr;
-    if (ntab > 0) {
-      const float* t = tab.data() + c * ntab;
-      if (noisy) convert_tabulated<true>(in, out, mc, sh.inner, col, pairs.data(), t, ntab);
-      else convert_tabulated<false>(in, out, mc, sh.inner, col, pairs.data(), t, ntab);
-      return;
-    }
-    convert_any(identity, noisy, in, out, mc, sh.inner, col, pairs.data());
   }
 };
 
