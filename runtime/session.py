@@ -24,7 +24,8 @@ EXACTNESS_DISABLED_OPTIMIZERS = ("ConvMulFusion", "ConvAddFusion", "ConvBNFusion
 
 def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int = 0,
                  native: bool | None = None, fusions: bool = False, quiet: bool = False,
-                 priority_order: bool = False, fuse: bool = True) -> ort.InferenceSession:
+                 priority_order: bool = False, fuse: bool = True,
+                 disabled: list[str] | tuple | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session on a PIM IR model (path, bytes or ModelProto).
 
     ``chip``: None or "ideal" (the compiled ideal model), "nonideal" (the
@@ -45,8 +46,9 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
     (its default order kept every probed tensor of ResNet-20, bit-serial W8 with 1-bit cells,
     alive to the end of the run: 7.9 GiB at batch 64 instead of 0.9 GiB).  ``fuse``: with the
     native library, each layer chunk's array conv and ADC run as one fused op with integer
-    arithmetic (pimc.runtime.fuse; same values); False keeps them apart.  Every pimc session
-    is opened here.
+    arithmetic (pimc.runtime.fuse; same values); False keeps them apart.  ``disabled``: the
+    graph optimizers to switch off instead of those ``disabled_optimizers`` names for this model
+    (a probe that stands for a session on another model).  Every pimc session is opened here.
     """
     from pimc.core.chip import CHIP_PRESETS, ChipConfig, build_chip_config
     from .chip import instantiate
@@ -81,14 +83,24 @@ def open_session(model, chip=None, *, chip_seed: int | None = None, threads: int
                 proto, _ = fuse_array_ops(proto, source)
         elif native:
             raise PimcError("native kernels were requested but are unavailable (see the note above)")
-    disabled = [] if fusions else list(EXACTNESS_DISABLED_OPTIMIZERS)
-    if not fusions and any(n.domain == N.DOMAIN and n.op_type in N.ARRAY_READER_OPS for n in proto.graph.node):
-        disabled.append("NchwcTransformer")
+    disabled = disabled_optimizers(proto, fusions) if disabled is None else list(disabled)
     try:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=disabled)
     except Exception as e:  # onnxruntime raises its own exception types
         raise PimcError(f"onnxruntime could not open '{source}': {str(e).splitlines()[0]}")
+
+
+def disabled_optimizers(proto: onnx.ModelProto, fusions: bool = False) -> list[str]:
+    """The onnxruntime graph optimizers a pimc session on ``proto`` disables (see
+    ``open_session``): also what the float ops of the model compute in it depends on (the
+    blocked layout changes the order of pooling sums: pimc.train.pooling)."""
+    if fusions:
+        return []
+    disabled = list(EXACTNESS_DISABLED_OPTIMIZERS)
+    if any(n.domain == N.DOMAIN and n.op_type in N.ARRAY_READER_OPS for n in proto.graph.node):
+        disabled.append("NchwcTransformer")
+    return disabled
 
 
 def _load(model) -> onnx.ModelProto:

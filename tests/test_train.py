@@ -379,3 +379,54 @@ def test_per_layer_rules_train_and_deploy_alike():
             else:
                 assert np.array_equal(got, want), cfg
         assert C.layer_rules(res.pim.config)[-1]["where"] == "--digital-layers first"
+
+
+def _ort_pool(node, x, disabled):
+    import onnxruntime
+    from onnx import TensorProto, helper
+    g = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=list(disabled)).run(None, {"x": x})[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 5), c=st.sampled_from([1, 3, 8, 12, 16, 24, 32, 64]), h=st.integers(1, 12),
+       w=st.integers(1, 12), seed=st.integers(0, 2 ** 16), blocked=st.booleans())
+def test_whole_plane_pooling_sums_in_onnxruntimes_order(n, c, h, w, seed, blocked):
+    """In QatModel.forward, adaptive_avg_pool2d(x, 1) and avg_pool2d over the whole plane give
+    onnxruntime's GlobalAveragePool / AveragePool bit for bit, with the blocked-layout transformer
+    on (the order then depends on the channel count) and off (pimc sessions on PIM models); torch's
+    own kernels differ by an ulp on about two thirds of the outputs."""
+    from onnx import helper
+    from pimc.train.pooling import OrtPooling, onnxruntime_order
+    disabled = () if blocked else ("NchwcTransformer",)
+    assert onnxruntime_order(disabled, c, h, w) in ("sequential", "lanes4")
+    x = np.random.default_rng(seed).lognormal(0, 2, (n, c, h, w)).astype(np.float32)
+    gap = _ort_pool(helper.make_node("GlobalAveragePool", ["x"], ["y"]), x, disabled)
+    ap = _ort_pool(helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[h, w]), x, disabled)
+    t = torch.from_numpy(x)
+    with OrtPooling(disabled):
+        got = [TF.adaptive_avg_pool2d(t, 1), TF.avg_pool2d(t, (h, w)), nn.AdaptiveAvgPool2d((1, 1))(t)]
+        assert TF.avg_pool2d(t, 1).shape == t.shape        # a smaller window: torch's own
+    for g in got:
+        assert np.array_equal(g.numpy(), gap) and np.array_equal(g.numpy(), ap)
+
+
+def test_qat_model_pools_in_onnxruntimes_order():
+    """A module pooling with adaptive_avg_pool2d: torch eval == the IR (GlobalAveragePool) bit for bit."""
+    class Pooled(Net):
+        def forward(self, x):
+            x = TF.relu(self.bn1(self.conv1(x)))
+            x = TF.relu(self.bn2(self.conv2(x)))
+            x = TF.relu(self.conv3(x))
+            return self.fc(TF.adaptive_avg_pool2d(x, 1).flatten(1))
+    x = data(64)
+    for scheme in ("differential", "digital"):
+        torch.manual_seed(0)
+        net = Pooled().eval()          # prepare swaps the module's layers: a fresh one each time
+        res = compiled(net, scheme=scheme, weight_bits=4, input_bits=4, adc_bits=5)
+        assert "GlobalAveragePool" in {n.op_type for n in res.model.graph.node}
+        qm = T.prepare(net, res)
+        assert np.array_equal(torch_eval(qm, x), ort(res.model, x))

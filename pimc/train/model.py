@@ -29,7 +29,9 @@ from pimc.core.config import CompileConfig, layer_configs, may_use
 from pimc.core.errors import PimcError
 from pimc.core.frozen import FrozenLayer, FrozenPlan
 from pimc.core.mapping import read_mapping
+from pimc.runtime.session import disabled_optimizers
 from .layer import BnGate, PimLayer
+from .pooling import OrtPooling
 
 
 class QatModel(nn.Module):
@@ -47,9 +49,13 @@ class QatModel(nn.Module):
         self._swaps = swaps            # (parent, attribute, original module, replacement)
         self.preprocess = preprocess
         self.chip: ChipConfig | None = None
+        self.session_disabled: tuple = ()   # the optimizers a pimc session on the IR disables (pooling.py)
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        if self.training:   # (the mode below costs 10-40 % of a training step in Python dispatch)
+            return self.module(*args, **kwargs)
+        with OrtPooling(self.session_disabled):   # eval: whole-plane average pooling in onnxruntime's order
+            return self.module(*args, **kwargs)
 
     def layer(self, name: str) -> PimLayer:
         return self.layers[name]
@@ -158,6 +164,7 @@ def prepare(module: nn.Module, compiled, *, train_adc_bits: int | None = None, r
         setattr(parent, attr, new)
     shape = [d.dim_value or None for d in proto.graph.input[0].type.tensor_type.shape.dim][1:]
     qm = QatModel(module, layers, mapping, config, shape, swaps, meta.get("pimc.preprocess"))
+    qm.session_disabled = tuple(disabled_optimizers(proto))
     qm.train(module.training)
     return qm
 
