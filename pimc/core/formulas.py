@@ -71,7 +71,11 @@ def bit_planes(q, *, bits: int, signed: int):
     xp = _xp(q)
     q = xp.astype(q, xp.float32)
     u = xp.where(q < 0, q + float(2 ** bits), q)
-    planes = [xp.floor(u / float(2 ** p)) - 2 * xp.floor(u / float(2 ** (p + 1))) for p in range(bits)]
+    planes = []
+    for _ in range(bits):          # u = floor(q' / 2^p) (exact halvings); its parity is plane p
+        half = xp.floor(u * 0.5)
+        planes.append(u - (half + half))
+        u = half
     return xp.concat(planes, axis=0)
 
 
@@ -119,11 +123,20 @@ def weight_slices(q, *, bits: int, cell_bits: int, differential: bool):
 # ---------------------------------------------------------------- ideal ADC
 def adc_quantize(s, scale, zero_point, *, bits: int):
     """Ideal ADC: code = clip(round(s / Delta) + z, 0, 2^b-1), value (code - z) * Delta."""
+    return adc_quantize_parts(s, scale, zero_point, bits=bits)[0]
+
+
+def adc_quantize_parts(s, scale, zero_point, *, bits: int):
+    """``adc_quantize``'s value and the steps to it, for gradients: (value, v = s / Delta,
+    round(v), the unclipped code round(v) + z, the clipped code)."""
     xp = _xp(s)
     s = xp.astype(s, xp.float32)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
-    code = xp.clip(adc_code(s, scale, zp), 0.0, float(2 ** bits - 1))
-    return (code - zp) * scale
+    v = s / scale
+    r = xp.round(v)
+    code = r + zp                   # adc_code's ideal branch, step by step
+    clipped = xp.clip(code, 0.0, float(2 ** bits - 1))
+    return (clipped - zp) * scale, v, r, code, clipped
 
 
 def adc_code(s, scale, zero_point, gain=None, offset=None, lut=None, noise=None):
@@ -153,9 +166,12 @@ def recombine(a, coef, *, planes: int, groups: int, tiles: int, slices: int):
     a = xp.astype(a, xp.float32)
     rows, cols, rest = a.shape[0], a.shape[1], tuple(a.shape[2:])
     cout_g = cols // (groups * tiles * slices)
-    r = xp.reshape(xp.astype(a, xp.float64), (planes, rows // planes, groups, tiles, slices, cout_g, *rest))
-    c = xp.reshape(xp.astype(_f32(xp, coef, a), xp.float64), (planes, 1, 1, 1, slices, 1, *([1] * len(rest))))
-    acc = xp.sum(r * c, axis=(0, 3, 4))
+    r = xp.reshape(xp.astype(a, xp.float64), (planes, rows // planes, groups, tiles * slices, -1))
+    c = xp.reshape(xp.astype(_f32(xp, coef, a), xp.float64), (planes, 1, slices))
+    c = xp.reshape(xp.broadcast_to(c, (planes, tiles, slices)), (planes, tiles * slices))
+    # one contraction (no broadcast product in memory); + 0.0: a zero sum is +0.0 whatever the
+    # engine's order (numpy's and torch's einsum sign an all -0.0 sum differently)
+    acc = xp.einsum("pbgkz,pk->bgz", r, c) + 0.0
     return xp.astype(xp.reshape(acc, (rows // planes, groups * cout_g, *rest)), xp.float32)
 
 

@@ -113,22 +113,20 @@ class Adc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, scale, zero_point, bits: int, chip):
-        if chip is None:
-            y = F.adc_quantize(s, scale, zero_point, bits=bits)
-        else:
+        y, v, r, code, clipped = F.adc_quantize_parts(s, scale, zero_point, bits=bits)
+        if chip is not None:
             gain, offset, lut, sigma, seed = chip
             y = F.adc_quantize_nonideal(s, scale, zero_point, gain, offset, lut, bits=bits, noise_sigma=sigma,
                                         seed=seed)
-        r = torch.round(s / scale)
-        code = r + zero_point
-        inside = (code >= 0) & (code <= 2 ** bits - 1)
-        ctx.save_for_backward(inside, r - s / scale, torch.clamp(code, 0, 2 ** bits - 1) - zero_point)
+        inside = code == clipped
+        # d y / d Delta (the ideal ADC's): round(v) - v inside the code range, the clipped level outside (LSQ)
+        ctx.save_for_backward(inside, torch.where(inside, r - v, clipped - zero_point))
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        inside, frac, clipped = ctx.saved_tensors
+        inside, dstep = ctx.saved_tensors
         gs = torch.where(inside, grad, torch.zeros_like(grad))
-        gd = grad * torch.where(inside, frac, clipped)
+        gd = grad * dstep
         dims = [d for d in range(grad.dim()) if d != 1]
         return gs, gd.sum(dim=dims, keepdim=True), None, None, None

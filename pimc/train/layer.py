@@ -264,6 +264,9 @@ class PimLayer(nn.Module):
 
 
 def _moments(s, a) -> torch.Tensor:
-    s, a = s.double(), a.double()
-    return torch.stack([torch.tensor(float(s.numel()), dtype=torch.float64), s.sum(), (s * s).sum(), a.sum(),
-                        (a * a).sum()])
+    """(n, sum s, sum s^2, sum a, sum a^2) in float64.  The squares' sums are dot products of the
+    float64 copies (half the memory passes of squaring first; float32 values square exactly in
+    float64, and the integer partial sums s sum exactly in any order)."""
+    s, a = s.double().reshape(-1), a.double().reshape(-1)
+    return torch.stack([torch.tensor(float(s.numel()), dtype=torch.float64), s.sum(), torch.dot(s, s), a.sum(),
+                        torch.dot(a, a)])
