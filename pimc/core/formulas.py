@@ -231,9 +231,9 @@ def thermal_noise(s, sigma: float, seed: int):
     dev = getattr(s, "device", None)
     key = mix32(row_keys(s) + int(mix32(np.asarray([seed], np.int64))[0]))[:, None]
     h = mix2(mix32(xp.arange(n, dtype=xp.int64, device=dev))[None, :] + key)
-    f = xp.astype(h & 255, xp.float32)
-    for shift in (8, 16, 24):
-        f = f + xp.astype((h >> shift) & 255, xp.float32)
+    # the sum of h's four bytes: bytes 0+1 and 2+3 pairwise in 16-bit lanes, then the lanes (exact)
+    t = (h & 0x00FF00FF) + ((h >> 8) & 0x00FF00FF)
+    f = xp.astype((t & 0xFFFF) + (t >> 16), xp.float32)
     z = (f + 2.0) / 256.0 - 2.0
     scale = float(np.float32(sigma) * np.float32(SQRT3))
     return xp.reshape(_f32(xp, scale, z) * z, (rows, *tuple(s.shape[1:])))
