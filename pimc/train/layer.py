@@ -210,13 +210,37 @@ class PimLayer(nn.Module):
         flat = torch.cat([slices.reshape(-1), slices.new_zeros(1)])     # index -1: a zero cell
         return [flat[c.cells] for c in self.chunks]
 
+    #: at most this many elements (rows x columns x pixels) in one chunk's partial sums: larger
+    #: batches run in sub-batches (the ADC, rescaling moments and recombination are chains of
+    #: elementwise passes; bit-serial ResNet-20 at batch 128, 128M elements per tensor, took
+    #: 2.4x the time of sub-batches under 4M; native and differential stay one batch)
+    sub_batch_elements = 2 ** 22
+
     def _integer_core(self, q, qw):
+        weights = []
+        for c, w in zip(self.chunks, self.chunk_cells(qw)):
+            weights.append(w if c.factor is None else (w.double() * c.factor).float())
+        rows = q.shape[0]
+        per_image = self.planes * max(len(c.columns) for c in self.chunks) * q.shape[2] * q.shape[3] // (
+            self.conv["stride"][0] * self.conv["stride"][1])
+        sub = max(1, self.sub_batch_elements // max(per_image, 1))
+        parts, stats = [], []
+        for i in range(0, rows, sub):   # images are independent: same values as one pass over the batch
+            a, st = self._core(q[i:i + sub], weights, rows)
+            parts.append(a)
+            stats += st
+        acc = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if stats:   # training: this batch's factor (eval: its EMA, in the output affine)
+            acc = acc * self._rho(stats)
+        return acc
+
+    def _core(self, q, weights, batch_rows: int):
+        """The chunks' array convolutions, conversions and recombination for images ``q`` of a
+        batch of ``batch_rows`` (the ADC steps' gradient scale counts the whole batch)."""
         h = BitPlanes.apply(q, self.in_bits, self.in_signed) if self.bit_serial else q
         padded = None
         parts, stats = [], []
-        for ci, (c, w) in enumerate(zip(self.chunks, self.chunk_cells(qw))):
-            if c.factor is not None:
-                w = (w.double() * c.factor).float()
+        for ci, (c, w) in enumerate(zip(self.chunks, weights)):
             hin = h
             if c.gather is not None:
                 if c.zero_channel:
@@ -229,7 +253,7 @@ class PimLayer(nn.Module):
             a = s
             if self.adc:
                 step = torch.clamp(self.adc_step, min=1.0)
-                n = s.numel() // s.shape[1]
+                n = (s.numel() // s.shape[1]) * batch_rows // q.shape[0]
                 step = grad_scale(step, 1.0 / math.sqrt(n * (2 ** self.adc_bits - 1)))[c.columns].reshape(1, -1, 1, 1)
                 zp = self.adc_zero_point[c.columns].reshape(1, -1, 1, 1)
                 chip = None
@@ -247,9 +271,7 @@ class PimLayer(nn.Module):
         acc = parts[0]
         for p in parts[1:]:
             acc = acc + p
-        if stats:   # training: this batch's factor (eval: its EMA, in the output affine)
-            acc = acc * self._rho(stats)
-        return acc
+        return acc, stats
 
     def _rho(self, stats) -> torch.Tensor:
         """PIM-QAT's rescaling: rho = std(s) / std(ADC(s)) over the layer's partial sums of this
