@@ -430,3 +430,36 @@ def test_qat_model_pools_in_onnxruntimes_order():
         assert "GlobalAveragePool" in {n.op_type for n in res.model.graph.node}
         qm = T.prepare(net, res)
         assert np.array_equal(torch_eval(qm, x), ort(res.model, x))
+
+
+@pytest.mark.parametrize("scheme", ["differential", "bit-serial"])
+def test_sub_batches_give_the_batch_values(scheme, monkeypatch):
+    """A layer whose partial sums exceed PimLayer.sub_batch_elements runs in sub-batches: the same
+    outputs (training and eval, ideal and noisy chip) and the same gradients up to summation order."""
+    from pimc.train.layer import PimLayer
+    net = make_net()
+    res = compiled(net, scheme=scheme, weight_bits=4, input_bits=4, adc_bits=4, array_rows=20)
+    qm = T.prepare(net, res, rescale=True)
+    x = torch.from_numpy(data(12))
+    y = torch.arange(12) % 5
+    state = {k: v.clone() for k, v in qm.state_dict().items()}   # a training forward moves BN and rho
+
+    def run(chip):
+        qm.load_state_dict(state)
+        qm.set_chip(chip)
+        qm.train()
+        qm.zero_grad()
+        loss = TF.cross_entropy(qm(x), y)
+        loss.backward()
+        grads = [p.grad.clone() for p in qm.parameters() if p.grad is not None]
+        qm.eval()
+        with torch.no_grad():
+            return loss.item(), grads, qm(x)
+    for chip in (None, CHIP):
+        whole = run(chip)
+        monkeypatch.setattr(PimLayer, "sub_batch_elements", 64)      # one image or a few per sub-batch
+        parts = run(chip)
+        monkeypatch.undo()
+        assert whole[0] == parts[0] and torch.equal(whole[2], parts[2])
+        for a, b in zip(whole[1], parts[1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
