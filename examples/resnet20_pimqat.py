@@ -95,7 +95,7 @@ def run_row(name: str, d, args) -> dict:
         variability = training.get("variability", False)
         qm = T.prepare(net, res, rescale=training.get("rescale", False),
                        train_adc_bits=training.get("train_adc_bits"))
-        tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, scale_lr=args.scale_lr,
+        tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, scale_lr=args.scale_lr, seed=args.train_seed,
                            resample_every=args.resample_every if variability else 0)
         run_cfg = {"row": name, "train_images": len(xtr), "opts": opts, "training": training}
         key = hashlib.sha256(json.dumps([run_cfg, tcfg.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
@@ -193,6 +193,7 @@ def main():
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--scale-lr", type=float, default=0.001)
     ap.add_argument("--resample-every", type=int, default=20)
+    ap.add_argument("--train-seed", type=int, default=0, help="training order, augmentation and chip draws")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--redo", action="store_true", help="run rows already in the JSON again")
     ap.add_argument("--json", type=Path, default=OUT / "resnet20-pimqat.json")
