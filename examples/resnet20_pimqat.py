@@ -100,6 +100,8 @@ def run_row(name: str, d, args) -> dict:
         run_cfg = {"row": name, "train_images": len(xtr), "opts": opts, "training": training}
         key = hashlib.sha256(json.dumps([run_cfg, tcfg.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
         state = Path(tempfile.gettempdir()) / f"pimqat-{name}-{key}.state.pt"   # resumes only the same run
+        if args.redo:
+            state.unlink(missing_ok=True)   # --redo trains afresh (a finished run's state would only be reloaded)
         hist = fit(qm, xtr, ytr, tcfg, state_path=state, resume=True, chip=chip if variability else None,
                    run_config=run_cfg, log=lambda m: print(m, file=sys.stderr))
         qm.set_chip(None)
