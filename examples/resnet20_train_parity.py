@@ -122,11 +122,9 @@ def write_report(results: dict, path: Path) -> None:
              "| scheme / chip | images | bit-identical | worst max\|diff\|/max\|ref\| of the others | "
              "top-1 identical | top-1 torch / onnxruntime (%) | criterion | seconds |",
              "|---|---|---|---|---|---|---|---|"]
-    chips = ["ideal", "pimqat-chip7", "pimqat-chip7+noise0.5"]
-    order = sorted(results, key=lambda k: (["native", "differential", "bit-serial"].index(k.split(" / ")[0])
-                                           if k.split(" / ")[0] in ("native", "differential", "bit-serial") else 9,
-                                           chips.index(k.split(" / ")[1]) if k.split(" / ")[1] in chips else 9))
-    for k in order:
+    rank = {name: i for i, name in enumerate(["native", "differential", "bit-serial", "ideal", "pimqat-chip7",
+                                              "pimqat-chip7+noise0.5"])}
+    for k in sorted(results, key=lambda k: [rank.get(part, 9) for part in k.split(" / ")]):
         r = results[k]
         n = r["images"]
         if "noise" in k:

@@ -132,11 +132,16 @@ def adc_quantize_parts(s, scale, zero_point, *, bits: int):
     xp = _xp(s)
     s = xp.astype(s, xp.float32)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
-    v = s / scale
-    r = xp.round(v)
-    code = r + zp                   # adc_code's ideal branch, step by step
+    v, r, code = _ideal_code(xp, s, scale, zp)
     clipped = xp.clip(code, 0.0, float(2 ** bits - 1))
     return (clipped - zp) * scale, v, r, code, clipped
+
+
+def _ideal_code(xp, s, scale, zp):
+    """The ideal ADC's unclipped code round(s / Delta) + z, with its steps (v = s / Delta, round(v))."""
+    v = s / scale
+    r = xp.round(v)
+    return v, r, r + zp
 
 
 def adc_code(s, scale, zero_point, gain=None, offset=None, lut=None, noise=None):
@@ -147,7 +152,7 @@ def adc_code(s, scale, zero_point, gain=None, offset=None, lut=None, noise=None)
     s = xp.astype(s, xp.float32)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
     if gain is None:
-        return xp.round(s / scale) + zp
+        return _ideal_code(xp, s, scale, zp)[2]
     gain, offset = _f32(xp, gain, s), _f32(xp, offset, s)
     w = gain * (s / scale) + offset + zp
     if lut is not None:
