@@ -179,11 +179,16 @@ def targets(results: dict) -> list[str]:
         gap = ideal - 100 * c["min"]
         out.append(f"- 7-bit chip, PIM-QAT + BN calibration over 10 chips within 2 points of its ideal ADC ({ideal:.2f}):"
                    f" mean {100 * c['mean']:.2f}, min {100 * c['min']:.2f} ({gap:.2f} below): {verdict(gap <= 2.0)}")
-    slow = {k: v["seconds"] for k, v in results.items() if v.get("training") and v["seconds"] > 1800}
+    runs = {k: v["seconds"] for k, v in results.items() if v.get("training")}
+    slow = {k: v for k, v in runs.items() if v > 1800}
     if slow:
         out.append("- training within 30 min per run: missed by " + ", ".join(
             f"{k} {v / 60:.0f} min" for k, v in slow.items()) + " (2 cores; bit-serial runs 4 planes per layer, "
             "and the later rows shared the cores with other work)")
+    elif runs:
+        k = max(runs, key=runs.get)
+        out.append(f"- training within 30 min per run (compile, training, export and evaluation of the row, 2 cores): "
+                   f"met, longest {k} {runs[k] / 60:.1f} min")
     return out
 
 
