@@ -116,7 +116,7 @@ def _build(em: _Emitter, p: LayerPlan) -> None:
         y = em.op("Mul", [acc, em.const(N.OUT_SCALE, out_scale.reshape(1, -1, 1, 1))], N.DEQUANTIZE,
                   out=None if has_shift else final)
         if has_shift:
-            y = em.op("Add", [y, em.const(N.OUT_BIAS, shift.reshape(1, -1, 1, 1))], "bias", out=final)
+            y = em.op("Add", [y, em.const(N.OUT_BIAS, shift.reshape(1, -1, 1, 1))], N.BIAS, out=final)
 
     if p.kind == "fc":
         lead = em.op("Shape", [p.x], "lead_shape", {"start": 0, "end": -1})
@@ -173,6 +173,6 @@ def _integer_core(em: _Emitter, p: LayerPlan, q: gs.Variable) -> gs.Variable:
             parts.append(a)   # one column per output channel already
     if len(parts) == 1:
         return parts[0]
-    return em.op("Sum", parts, "sum_chunks")
+    return em.op("Sum", parts, N.SUM_CHUNKS)
 
 

@@ -9,7 +9,12 @@ non-integer: those chunks stay as they are), becomes one ``ConvAdcRecombine`` /
 ``ConvAdcRecombineNonIdeal`` node computing the same values (runtime/ops.py: its body
 is the ops it replaces).  The tile-channel Gather in front of the conv (and the Pad that
 appends its zero channel) goes into the fused node as its ``channels`` input, so the
-kernel reads the layer input in place instead of a gathered copy.  Everything else is untouched; the model's metadata is kept, so the
+kernel reads the layer input in place instead of a gathered copy.  Where every chunk of a layer fuses, the layer's own float ops around
+them go in too: its ``QuantizeInput`` (when only the fused chunks read it: the kernel
+quantizes the float input as it packs the bytes), the ``Sum`` of its chunks (a left fold:
+chunk i adds its result to chunk i-1's, read as ``addend``) and its dequantization ``Mul``
+and bias ``Add`` (per output channel, applied by the last chunk), each with the same float32
+operations in the same order.  Everything else is untouched; the model's metadata is kept, so the
 mapping still describes the layers.  The compiler never writes the fused op: the IR
 on disk stays Conv + ADC, which any onnxruntime runs.
 
@@ -31,6 +36,9 @@ FUSED = {"AdcRecombine": "ConvAdcRecombine", "AdcRecombineNonIdeal": "ConvAdcRec
 # A chunk without recombination (one plane, tile and slice) fuses as a recombination of one
 # term with coefficient 1 (exact: float64(v) * 1 rounds back to v).
 ONE = "pimc/fuse/coef_one"
+# The epilogue inputs where a fused op has nothing to add, scale or quantize: x_scale 1
+# (x / 1 = x), addend 0, out_scale 1, out_bias 0 (the recombination is never -0.0: unchanged).
+SCALAR_ONE, SCALAR_ZERO = "pimc/fuse/one", "pimc/fuse/zero"
 
 
 def _integer_bytes(w: np.ndarray) -> bool:
@@ -119,6 +127,7 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             gathers = {n.name for n in model.graph.node if pad.output[0] in n.input}
             if gathers <= drop:
                 drop.add(pad.name)
+    extra = _epilogues(model, mapping, fuse, nodes, inits, readers, outputs, drop)
     new_nodes = []
     for n in out.graph.node:
         if n.name in drop:
@@ -134,17 +143,88 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             adc_inputs.append(ONE)
         chan = f"{adc.name}/pimc_fuse/channels"
         out.graph.initializer.append(numpy_helper.from_array(channels, chan))
+        ep = extra.get(conv.name, {})
+        x = ep.get("x", x)
+        ep_inputs = [ep.get("x_scale", SCALAR_ONE), ep.get("addend", SCALAR_ZERO), ep.get("out_scale", SCALAR_ONE),
+                     ep.get("out_bias", SCALAR_ZERO)]
         new_nodes.append(helper.make_node(
-            FUSED[adc.op_type], [x, chan, conv.input[1], *adc_inputs], list(adc.output),
+            FUSED[adc.op_type], [x, chan, conv.input[1], *adc_inputs, *ep_inputs], [ep.get("y", adc.output[0])],
             name=adc.name, domain=DOMAIN,
             strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
             dilations=list(attrs.get("dilations", [1, 1])), group=int(attrs.get("group", 1)),
             x_signed=attrs["x_signed"], x_bits=int(attrs["x_bits"]), **adc_attrs))
     if any(adc.op_type not in N.RECOMBINE_OPS for _, adc, *_ in fuse.values()):
         out.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1), np.float32), ONE))
+    out.graph.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), SCALAR_ONE),
+                                  numpy_helper.from_array(np.array(0.0, np.float32), SCALAR_ZERO)])
     del out.graph.node[:]
     out.graph.node.extend(new_nodes)
     have = {f.name for f in out.functions}
     used = sorted({FUSED[adc.op_type] for _, adc, *_ in fuse.values()})
     out.functions.extend(f for f in function_protos(used) if f.name not in have)
     return out, len(fuse)
+
+
+def _per_channel(t: onnx.TensorProto, cout: int) -> bool:
+    """Whether a Mul/Add constant broadcasts over (B, cout, H, W) as one value per channel (or one value)."""
+    dims = list(t.dims)
+    return int(np.prod(dims)) == 1 or (int(np.prod(dims)) == cout and dims[-3:] == [cout, 1, 1] and len(dims) <= 4)
+
+
+def _epilogues(model, mapping, fuse, nodes, inits, readers, outputs, drop) -> dict:
+    """For each layer whose chunks all fuse: which of its QuantizeInput, Sum of chunks,
+    dequantization Mul and bias Add go into its fused nodes (names added to ``drop``), as
+    {conv name: {"x", "x_scale", "addend", "out_scale", "out_bias", "y"}} (only what changes)."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    extra: dict[str, dict] = {}
+    for L in mapping.layers:
+        convs = [nodes.get(N.node(L.name, N.ARRAY_MAC, c.suffix)) for c in L.chunk_list]
+        if not convs or any(c is None or c.name not in fuse for c in convs):
+            continue
+        adcs = [fuse[c.name][1] for c in convs]
+        ep = {c.name: {} for c in convs}
+        # the layer's input quantization: when only the fused chunks (and the gathers they replace) read it
+        q = nodes.get(N.node(L.name, N.QUANTIZE_INPUT))
+        xs = {fuse[c.name][3] for c in convs}
+        attrs = fuse[convs[0].name][2]
+        if (q is not None and q.op_type == "QuantizeInput" and q.domain == DOMAIN and xs == {q.output[0]}
+                and q.output[0] not in outputs and q.input[1] in inits and int(np.prod(inits[q.input[1]].dims)) == 1
+                and all(r.name in drop or r.name in fuse for r in consumers.get(q.output[0], []))):
+            qa = {a.name: helper.get_attribute_value(a) for a in q.attribute}
+            if qa.get("bits") == attrs["x_bits"] and qa.get("signed", 0) == attrs["x_signed"]:
+                for c in convs:
+                    ep[c.name].update(x=q.input[0], x_scale=q.input[1])
+                drop.add(q.name)
+        # the Sum of chunks: a left fold, chunk i adds chunk i-1's running sum
+        y = adcs[0].output[0]
+        if len(convs) > 1:
+            s = nodes.get(N.node(L.name, N.SUM_CHUNKS))
+            if (s is None or s.op_type != "Sum" or list(s.input) != [a.output[0] for a in adcs]
+                    or any(readers[a.output[0]] != 1 or a.output[0] in outputs for a in adcs)):
+                for c in convs:
+                    if ep[c.name]:
+                        extra[c.name] = ep[c.name]
+                continue
+            for prev, c in zip(adcs, convs[1:]):
+                ep[c.name]["addend"] = prev.output[0]
+            y = s.output[0]
+            drop.add(s.name)
+        last = ep[convs[-1].name]
+        cout = L.cout
+        for role, op, key in ((N.DEQUANTIZE, "Mul", "out_scale"), (N.BIAS, "Add", "out_bias")):
+            m = nodes.get(N.node(L.name, role))
+            if (m is None or m.op_type != op or m.domain not in ("", "ai.onnx") or len(m.input) != 2
+                    or m.input[0] != y or readers[y] != 1 or y in outputs or m.input[1] not in inits
+                    or not _per_channel(inits[m.input[1]], cout)):
+                break
+            last[key] = m.input[1]
+            y = m.output[0]
+            drop.add(m.name)
+        last["y"] = y
+        for c in convs:
+            if ep[c.name]:
+                extra[c.name] = ep[c.name]
+    return extra

@@ -332,15 +332,28 @@ ADC_RECOMBINE_NONIDEAL = OpDef(
 # Conv + AdcRecombine in one op.  The compiler never writes it: a native session rewrites each
 # layer chunk's array conv and ADC into it (pimc.runtime.fuse), so the native kernel multiplies
 # bytes with exact integer sums and converts every column while it is in cache.  Its body is
-# the ops it replaces (Pad + Gather of the tile channels, Conv, ADC), so the rewritten model
-# still runs anywhere.  ``channels`` (int64): the channel of x each conv input channel reads,
-# x's channel count (or -1) meaning a zero channel.  ``x_signed`` says how
-# the kernel stores the integer inputs as bytes (1: in [-128, 127], shifted by 128; 0: in
-# [0, 255]); the body does not need it.
-_GATHER = """
+# the ops it replaces (QuantizeInput, Pad + Gather of the tile channels, Conv, ADC, and the
+# chunk sum and output affine after it), so the rewritten model still runs anywhere.
+# ``channels`` (int64): the channel of x each conv input channel reads, x's channel count (or
+# -1) meaning a zero channel.  ``x_scale``: the layer's input quantization, q = QuantizeInput(x,
+# x_scale) with bits ``x_bits`` and ``x_signed`` (the kernel stores q as bytes: 1: in
+# [-128, 127], shifted by 128; 0: in [0, 255]); where x is already integer (bit planes, or a
+# QuantizeInput the rewrite left alone) x_scale is 1, and q = x for such x.  After the
+# recombination r: y = (addend + r) * out_scale + out_bias, three float32 operations in that
+# order: ``addend`` the earlier chunks' sum (the Sum of chunks is a left fold) or a scalar 0,
+# ``out_scale`` / ``out_bias`` the layer's dequantization Mul and bias Add (per output channel)
+# or scalars 1 / 0.  The recombination's output is never -0.0 (its float64 sum starts at +0),
+# so with the scalars the three operations return r unchanged.
+_GATHER = f"""
+  xq = {DOMAIN}.QuantizeInput <bits: int = @x_bits, signed: int = @x_signed> (x, x_scale)
   zero_channel = Constant <value_ints = [0, 0, 0, 0, 0, 1, 0, 0]> ()
-  xp = Pad (x, zero_channel)
+  xp = Pad (xq, zero_channel)
   xg = Gather <axis = 1> (xp, channels)"""
+_EPILOGUE = """
+  ya = Add (addend, r)
+  ys = Mul (ya, out_scale)
+  y = Add (ys, out_bias)"""
+_EPILOGUE_INPUTS = ("x_scale", "addend", "out_scale", "out_bias")
 _CONV_ATTRS = "strides: ints = @strides, pads: ints = @pads, dilations: ints = @dilations, group: int = @group"
 
 
@@ -373,43 +386,55 @@ def gather_channels_np(x, channels):
     return xp[:, np.asarray(channels, np.int64)]
 
 
-def _conv_adc_recombine_np(x, channels, w, scale, zero_point, coef, *, bits, planes, groups, tiles, slices,
-                           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0, x_bits=8):
-    x = gather_channels_np(x, channels)
-    return adc_recombine_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, coef, bits=bits,
-                            planes=planes, groups=groups, tiles=tiles, slices=slices)
+def _epilogue_np(r, addend, out_scale, out_bias):
+    f = np.float32
+    return ((np.asarray(addend, f) + r) * np.asarray(out_scale, f) + np.asarray(out_bias, f)).astype(f)
 
 
-def _conv_adc_recombine_nonideal_np(x, channels, w, scale, zero_point, gain, offset, lut, coef, *, bits, noise_sigma, seed,
-                                    planes, groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0),
-                                    dilations=(1, 1), group=1, x_signed=0, x_bits=8):
-    x = gather_channels_np(x, channels)
-    return adc_recombine_nonideal_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, gain,
-                                     offset, lut, coef, bits=bits, noise_sigma=noise_sigma, seed=seed, planes=planes,
-                                     groups=groups, tiles=tiles, slices=slices)
+def _conv_adc_recombine_np(x, channels, w, scale, zero_point, coef, x_scale=1.0, addend=0.0, out_scale=1.0,
+                           out_bias=0.0, *, bits, planes, groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0),
+                           dilations=(1, 1), group=1, x_signed=0, x_bits=8):
+    x = gather_channels_np(quantize_input_np(x, x_scale, bits=x_bits, signed=x_signed), channels)
+    r = adc_recombine_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, coef, bits=bits,
+                         planes=planes, groups=groups, tiles=tiles, slices=slices)
+    return _epilogue_np(r, addend, out_scale, out_bias)
+
+
+def _conv_adc_recombine_nonideal_np(x, channels, w, scale, zero_point, gain, offset, lut, coef, x_scale=1.0, addend=0.0,
+                                    out_scale=1.0, out_bias=0.0, *, bits, noise_sigma, seed, planes, groups, tiles,
+                                    slices, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0,
+                                    x_bits=8):
+    x = gather_channels_np(quantize_input_np(x, x_scale, bits=x_bits, signed=x_signed), channels)
+    r = adc_recombine_nonideal_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, gain,
+                                  offset, lut, coef, bits=bits, noise_sigma=noise_sigma, seed=seed, planes=planes,
+                                  groups=groups, tiles=tiles, slices=slices)
+    return _epilogue_np(r, addend, out_scale, out_bias)
 
 
 CONV_ADC_RECOMBINE = OpDef(
-    "ConvAdcRecombine", ("x", "channels", "w", "scale", "zero_point", "coef"),
+    "ConvAdcRecombine", ("x", "channels", "w", "scale", "zero_point", "coef", *_EPILOGUE_INPUTS),
     ("strides", "pads", "dilations", "group", "x_signed", "x_bits", "bits", "planes", "groups", "tiles", "slices"),
     f"""
 {_GATHER}
   s = Conv <{_CONV_ATTRS}> (xg, w)
-  y = {DOMAIN}.AdcRecombine <bits: int = @bits, {_RECOMBINE_ATTRS}> (s, scale, zero_point, coef)
+  r = {DOMAIN}.AdcRecombine <bits: int = @bits, {_RECOMBINE_ATTRS}> (s, scale, zero_point, coef)
+{_EPILOGUE}
 """,
-    _conv_adc_recombine_np, uses=("AdcRecombine",),
+    _conv_adc_recombine_np, uses=("QuantizeInput", "AdcRecombine"),
 )
 
 CONV_ADC_RECOMBINE_NONIDEAL = OpDef(
-    "ConvAdcRecombineNonIdeal", ("x", "channels", "w", "scale", "zero_point", "gain", "offset", "lut", "coef"),
+    "ConvAdcRecombineNonIdeal",
+    ("x", "channels", "w", "scale", "zero_point", "gain", "offset", "lut", "coef", *_EPILOGUE_INPUTS),
     ("strides", "pads", "dilations", "group", "x_signed", "x_bits", "bits", "noise_sigma", "seed", "planes", "groups",
      "tiles", "slices"),
     f"""
 {_GATHER}
   s = Conv <{_CONV_ATTRS}> (xg, w)
-  y = {DOMAIN}.AdcRecombineNonIdeal <bits: int = @bits, noise_sigma: float = @noise_sigma, seed: int = @seed, {_RECOMBINE_ATTRS}> (s, scale, zero_point, gain, offset, lut, coef)
+  r = {DOMAIN}.AdcRecombineNonIdeal <bits: int = @bits, noise_sigma: float = @noise_sigma, seed: int = @seed, {_RECOMBINE_ATTRS}> (s, scale, zero_point, gain, offset, lut, coef)
+{_EPILOGUE}
 """,
-    _conv_adc_recombine_nonideal_np, uses=("AdcRecombineNonIdeal",),
+    _conv_adc_recombine_nonideal_np, uses=("QuantizeInput", "AdcRecombineNonIdeal"),
 )
 
 OPS: dict[str, OpDef] = {op.name: op for op in (QUANTIZE_INPUT, BIT_PLANES, ADC_QUANTIZE, RECOMBINE,

@@ -1,5 +1,6 @@
 """The fused array op (ConvAdcRecombine[NonIdeal]): native kernel == function body == numpy,
-over conv shapes, input and cell bits, planes, tiles and slices; the session rewrite keeps
+over conv shapes, input and cell bits, planes, tiles and slices, with and without the input
+quantization and the epilogue (addend, per-channel scale and bias); the session rewrite keeps
 compiled models bit for bit; a portable (no AVX) build of the kernels gives the same values."""
 import os
 import subprocess
@@ -38,7 +39,28 @@ def fused_cases(draw):
     cell = draw(st.sampled_from([(0, 1), (0, 1), (-1, 1), (-8, 7), (0, 15), (-128, 127)]))   # (0, 1) x planes: popcount
     return dict(P=P if inputs == "planes" else 1, G=G, T=T, S=S, coutg=coutg, cg=cg, k=(kh, kw), stride=stride,
                 dil=dil, pads=pads, hw=(h, w), inputs=inputs, cell=cell, B=draw(st.integers(1, 3)),
-                bits=draw(st.integers(2, 8)), seed=draw(st.integers(0, 2 ** 16)), gather=draw(st.booleans()))
+                bits=draw(st.integers(2, 8)), seed=draw(st.integers(0, 2 ** 16)), gather=draw(st.booleans()),
+                epilogue=draw(st.sampled_from(["none", "quantize", "affine", "both"])))
+
+
+def _epilogue(c, rng, x, out_shape):
+    """The epilogue inputs (x_scale, addend, out_scale, out_bias) for c["epilogue"], and x: with
+    "quantize"/"both" the float input the op quantizes (x_scale != 1; values past the range, and
+    halves, so that clipping and round-half-even are exercised)."""
+    f = np.float32
+    one, zero = np.array(1.0, f), np.array(0.0, f)
+    ep = {"x_scale": one, "addend": zero, "out_scale": one, "out_bias": zero}
+    if c.get("epilogue", "none") in ("quantize", "both"):
+        xs = f(rng.uniform(0.05, 3.0))
+        xf = (x + rng.choice([0.0, 0.5, -0.5, 0.3, 2.0], x.shape)) * xs
+        ep["x_scale"] = np.array(xs, f)
+        x = xf.astype(f)
+    if c.get("epilogue", "none") in ("affine", "both"):
+        cout = out_shape[1]
+        ep["addend"] = rng.standard_normal(out_shape).astype(f) * f(50)
+        ep["out_scale"] = rng.uniform(-0.2, 0.2, (1, cout, 1, 1)).astype(f)
+        ep["out_bias"] = rng.standard_normal((1, cout, 1, 1)).astype(f)
+    return x, ep
 
 
 def _tensors(c):
@@ -65,7 +87,10 @@ def _tensors(c):
                  x_signed=int(c["inputs"].startswith("signed")),
                  x_bits={"planes": 1, "unsigned8": 8, "signed8": 8, "unsigned3": 3, "signed4": 4}[c["inputs"]],
                  bits=c["bits"], planes=c["P"], groups=c["G"], tiles=c["T"], slices=c["S"])
-    return rng, x, chan, w, scale, zp, coef, attrs
+    oh = (c["hw"][0] + c["pads"][0] + c["pads"][2] - c["dil"][0] * (c["k"][0] - 1) - 1) // c["stride"][0] + 1
+    ow = (c["hw"][1] + c["pads"][1] + c["pads"][3] - c["dil"][1] * (c["k"][1] - 1) - 1) // c["stride"][1] + 1
+    x, ep = _epilogue(c, rng, x, (c["B"], c["G"] * c["coutg"], oh, ow))
+    return rng, x, chan, w, scale, zp, coef, attrs, ep
 
 
 def _run_three(op, x, consts, attrs, numpy_args):
@@ -81,9 +106,9 @@ def _run_three(op, x, consts, attrs, numpy_args):
 @settings(max_examples=60, deadline=None)
 @given(fused_cases())
 def test_fused_ideal_three_ways(c):
-    _, x, chan, w, scale, zp, coef, attrs = _tensors(c)
+    _, x, chan, w, scale, zp, coef, attrs, ep = _tensors(c)
     body, nat, ref = _run_three("ConvAdcRecombine", x, {"channels": chan, "w": w, "scale": scale, "zp": zp,
-                                                        "coef": coef}, attrs, (w, scale, zp, coef))
+                                                        "coef": coef, **ep}, attrs, (w, scale, zp, coef, *ep.values()))
     assert np.array_equal(nat, body), np.abs(nat - body).max()
     assert np.array_equal(body, ref)
 
@@ -92,12 +117,12 @@ def test_fused_ideal_three_ways(c):
 @settings(max_examples=40, deadline=None)
 @given(fused_cases(), st.sampled_from([0.0, 0.7]), st.booleans())
 def test_fused_nonideal_three_ways(c, sigma, curve):
-    rng, x, chan, w, scale, zp, coef, attrs = _tensors(c)
+    rng, x, chan, w, scale, zp, coef, attrs, ep = _tensors(c)
     cols = w.shape[0]
     consts = {"channels": chan, "w": w, "scale": scale, "zp": zp,
               "gain": rng.normal(1, 0.05, (1, cols, 1, 1)).astype(np.float32),
               "offset": rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32),
-              "lut": transfer_lut(build_chip_config(inl=1.5 if curve else 0.0), c["bits"]), "coef": coef}
+              "lut": transfer_lut(build_chip_config(inl=1.5 if curve else 0.0), c["bits"]), "coef": coef, **ep}
     attrs = dict(attrs, noise_sigma=sigma, seed=int(c["seed"]))
     body, nat, ref = _run_three("ConvAdcRecombineNonIdeal", x, consts, attrs, tuple(consts.values())[1:])
     assert np.array_equal(nat, body), np.abs(nat - body).max()
@@ -108,13 +133,33 @@ def test_fused_nonideal_three_ways(c, sigma, curve):
 def test_fused_kernel_rejects_what_it_cannot_compute_exactly():
     c = dict(P=1, G=1, T=1, S=1, coutg=2, cg=2, k=(1, 1), stride=(1, 1), dil=(1, 1), pads=[0] * 4, hw=(3, 3),
              inputs="unsigned8", cell=(0, 1), B=1, bits=4, seed=0, gather=False)
-    _, x, chan, w, scale, zp, coef, attrs = _tensors(c)
-    for bad_x, bad_w, bad_c in ((x + 0.5, w, chan), (x + 300, w, chan), (np.minimum(x, -1), w, chan),
-                                (x, w * 200, chan), (x, w, chan + 5)):
+    _, x, chan, w, scale, zp, coef, attrs, ep = _tensors(c)
+    nan = x.copy()
+    nan[0, 0, 1, 1] = np.nan
+    for bad_x, bad_w, bad_c, bad_ep, bad_attrs, what in (
+            (nan, w, chan, ep, attrs, "inputs must not be NaN"), (x, w * 200, chan, ep, attrs, "weights must"),
+            (x, w, chan + 5, ep, attrs, "channels must"), (x, w, chan, ep, dict(attrs, x_bits=9), "x_bits must"),
+            (x, w, chan, dict(ep, x_scale=np.ones(2, np.float32)), attrs, "x_scale must"),
+            (x, w, chan, dict(ep, addend=np.ones((1, 2, 3, 2), np.float32)), attrs, "addend must"),
+            (x, w, chan, dict(ep, out_bias=np.ones((1, 1, 1, 2), np.float32)), attrs, "out_bias must")):
         m = one_op_model("ConvAdcRecombine", {"x": bad_x}, {"channels": bad_c, "w": bad_w, "scale": scale, "zp": zp,
-                                                            "coef": coef}, attrs)
-        with pytest.raises(Exception, match="ConvAdcRecombine: (inputs|weights|channels) must"):
+                                                            "coef": coef, **bad_ep}, bad_attrs)
+        with pytest.raises(Exception, match=f"ConvAdcRecombine: {what}"):
             open_session(m, native=True).run(None, {"x": bad_x})
+
+
+@needs_native
+def test_fused_kernel_quantizes_as_quantize_input():
+    """Inputs that are not integers in range are quantized (round half to even, clipped) as the
+    body's QuantizeInput does; with x_scale 1 the integer inputs are taken as they are."""
+    c = dict(P=1, G=1, T=1, S=1, coutg=3, cg=2, k=(1, 1), stride=(1, 1), dil=(1, 1), pads=[0] * 4, hw=(3, 4),
+             inputs="signed4", cell=(-8, 7), B=2, bits=6, seed=1, gather=False)
+    _, x, chan, w, scale, zp, coef, attrs, ep = _tensors(c)
+    x = np.array([-9.5, -8.5, -0.5, 0.5, 1.5, 2.5, 6.5, 7.5, 300.0, -1e30, 3.0, -3.0], np.float32)
+    x = np.resize(x, (2, 2, 3, 4)).astype(np.float32)
+    body, nat, ref = _run_three("ConvAdcRecombine", x, {"channels": chan, "w": w, "scale": scale, "zp": zp,
+                                                        "coef": coef, **ep}, attrs, (w, scale, zp, coef, *ep.values()))
+    assert np.array_equal(nat, body) and np.array_equal(body, ref)
 
 
 CASES = [dict(scheme="native", weight_bits=4, input_bits=8),
@@ -135,6 +180,10 @@ def test_compiled_models_fused_equal_unfused(tmp_path, cfg):
                              array_rows=40, adc_bits=5, **cfg)
     fused, n = fuse_array_ops(res.model)
     assert n == (0 if cfg["weight_bits"] == 9 else len(read_mapping(res.model).layers[0].chunk_list))
+    left = [nd.op_type for nd in fused.graph.node]
+    if n:   # the layer's QuantizeInput (unless bit planes read it), Sum of chunks, Mul and Add went in
+        assert "Sum" not in left and "Mul" not in left and "Add" not in left, left
+        assert ("QuantizeInput" in left) == cfg["scheme"].startswith("bit-serial"), left
     curve = build_chip_config(adc="nonideal", inl=1.5, noise_sigma=0.5)   # tabulated where the sums are small
     for chip in (None, "nonideal", "pimqat-chip7", curve):
         a = open_session(res.model, chip, chip_seed=2, native=False).run(None, {"x": x})[0]
@@ -144,14 +193,19 @@ def test_compiled_models_fused_equal_unfused(tmp_path, cfg):
 
 
 @needs_native
-def test_portable_build_gives_the_same_values(tmp_path):
+@pytest.mark.parametrize("single", [False, True], ids=["planes-tiles-slices", "single-term"])
+def test_portable_build_gives_the_same_values(tmp_path, single):
     """PIMC_NATIVE_PORTABLE=1 builds for the baseline x86-64 (no AVX: the portable integer
     loops) into its own cache entry; its fused results equal this machine's build."""
     c = dict(P=2, G=2, T=2, S=2, coutg=5, cg=7, k=(3, 3), stride=(1, 1), dil=(1, 1), pads=[1] * 4, hw=(11, 10),
              inputs="planes", cell=(-8, 7), B=3, bits=5, seed=11, gather=True)
-    _, x, chan, w, scale, zp, coef, attrs = _tensors(c)
-    m = one_op_model("ConvAdcRecombine", {"x": x}, {"channels": chan, "w": w, "scale": scale, "zp": zp, "coef": coef},
-                     attrs)
+    if single:
+        c = dict(c, P=1, T=1, S=1, inputs="signed4", hw=(11, 19))
+    _, x, chan, w, scale, zp, coef, attrs, ep = _tensors(dict(c, epilogue="both"))
+    if single:
+        coef = np.full((1, 1), -1.0, np.float32)
+    m = one_op_model("ConvAdcRecombine", {"x": x}, {"channels": chan, "w": w, "scale": scale, "zp": zp, "coef": coef,
+                                                    **ep}, attrs)
     (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
     np.save(tmp_path / "x.npy", x)
     code = ("import numpy as np; from pimc.runtime.native import isa, native_library; "
@@ -175,7 +229,23 @@ def test_binary_products_take_popcount_and_match(hw, k, cg, pads, dil):
     it (`pimc native` prints vnni+popcount); its values equal the body's and numpy's."""
     c = dict(P=3, G=1, T=2, S=2, coutg=9, cg=cg, k=k, stride=(1, 1), dil=dil, pads=pads, hw=hw, inputs="planes",
              cell=(0, 1), B=2, bits=6, seed=5, gather=True)
-    _, x, chan, w, scale, zp, coef, attrs = _tensors(c)
+    _, x, chan, w, scale, zp, coef, attrs, ep = _tensors(dict(c, epilogue="both"))
     body, nat, ref = _run_three("ConvAdcRecombine", x, {"channels": chan, "w": w, "scale": scale, "zp": zp,
-                                                        "coef": coef}, attrs, (w, scale, zp, coef))
+                                                        "coef": coef, **ep}, attrs, (w, scale, zp, coef, *ep.values()))
     assert np.array_equal(nat, body) and np.array_equal(body, ref)
+
+
+@needs_native
+@settings(max_examples=30, deadline=None)
+@given(fused_cases(), st.sampled_from([1.0, -1.0]))
+def test_fused_single_term_path(c, k):
+    """One plane, tile and slice with coefficient +-1 (the native scheme's chunks) takes the
+    kernel's one-pass path (conversion, epilogue and store per output row): same values."""
+    c = dict(c, P=1, T=1, S=1, inputs="unsigned8" if c["inputs"] == "planes" else c["inputs"])
+    _, x, chan, w, scale, zp, coef, attrs, ep = _tensors(c)
+    coef = np.full((1, 1), k, np.float32)
+    body, nat, ref = _run_three("ConvAdcRecombine", x, {"channels": chan, "w": w, "scale": scale, "zp": zp,
+                                                        "coef": coef, **ep}, attrs, (w, scale, zp, coef, *ep.values()))
+    assert np.array_equal(nat, body), np.abs(nat - body).max()
+    assert np.array_equal(body, ref)
+    assert not np.any(np.signbit(nat) & (nat == 0)) or c["epilogue"] in ("affine", "both")

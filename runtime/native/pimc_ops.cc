@@ -852,23 +852,63 @@ struct PackedWeights {
   }
 };
 
-// Whether v is not an integer in [lo, hi] (as 0/1, to be or-ed over a loop that vectorises).
-inline int32_t outside(float v, float lo, float hi) {
-  return static_cast<int32_t>(v != std::nearbyint(v)) | static_cast<int32_t>(v < lo) | static_cast<int32_t>(v > hi);
+// The fused op's input quantization, QuantizeInput's steps: q = min(max(round(x / xs), lo), hi)
+// with [lo, hi] from x_bits and x_signed; x / 1 = x, so the division is skipped where xs is 1.
+// q is stored as a byte q + shift (128 for signed inputs, 0 for unsigned ones).  A NaN input has
+// no byte: the kernel throws.
+struct InQuant {
+  float xs, lo, hi;
+  bool one;
+  int32_t shift;
+  InQuant(float scale, int64_t bits, int64_t sign, const char* op) : xs(scale), one(scale == 1.0f) {
+    if (bits < 1 || bits > 8) ORT_CXX_API_THROW(std::string(op) + ": x_bits must lie in [1, 8]", ORT_INVALID_ARGUMENT);
+    const float full = std::pow(2.0f, static_cast<float>(bits));
+    const float sh = static_cast<float>(sign) * std::pow(2.0f, static_cast<float>(bits) - 1.0f);
+    lo = -sh;
+    hi = (full - 1.0f) - sh;
+    shift = sign ? 128 : 0;
+  }
+  float q(float v) const { return std::min(std::max(std::nearbyint(one ? v : v / xs), lo), hi); }
+};
+
+// n values of a row quantized (InQuant) into bytes q + shift at dst; returns 1 on a NaN.
+inline int32_t quant_row(const float* __restrict src, int64_t n, const InQuant& iq, uint8_t* __restrict dst) {
+  int64_t i = 0;
+  int32_t bad = 0;
+#if defined(__AVX512F__)
+  const __m512 vlo = _mm512_set1_ps(iq.lo), vhi = _mm512_set1_ps(iq.hi), vxs = _mm512_set1_ps(iq.xs);
+  const __m512i vsh = _mm512_set1_epi32(iq.shift);
+  __mmask16 badm = 0;
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+    if (!iq.one) v = _mm512_div_ps(v, vxs);
+    const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    badm |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    const __m512 q = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
+    _mm_mask_storeu_epi8(dst + i, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvttps_epi32(q), vsh)));
+  }
+  bad |= badm != 0;
+#endif
+  for (; i < n; ++i) {
+    const float q = iq.q(src[i]);
+    bad |= static_cast<int32_t>(q != q);
+    dst[i] = q == q ? static_cast<uint8_t>(static_cast<int32_t>(q) + iq.shift) : 0;
+  }
+  return bad;
 }
 
 // Group grp's feed (see Plan) from the float plane x (cx x H x W; conv input channel c is x's
-// channel chan[c], a zero channel where that is cx or -1), each value + shift (128 for
-// signed inputs, which must lie in [-128, 127]; 0 for unsigned ones, in [0, 255]); padding
-// holds the shift (an input 0), k past the row and pixels past the plane whatever is there
-// (their weights are 0, their outputs dropped).  Throws on a value that is not such a byte.
+// channel chan[c], a zero channel where that is cx or -1), each value quantized (InQuant) and
+// stored + shift; padding holds the shift (an input 0), k past the row and pixels past the
+// plane whatever is there (their weights are 0, their outputs dropped).  Throws on NaN.
 void feed(const float* __restrict x, const int64_t* chan, int64_t cx, const ConvGeom& g, const Plan& pl, int64_t grp,
-          int32_t shift, uint8_t* __restrict a, const char* op) {
+          const InQuant& iq, uint8_t* __restrict a, const char* op) {
+  const int32_t shift = iq.shift;
   const uint8_t pad = static_cast<uint8_t>(shift);
-  const float lo = -static_cast<float>(shift), hi = 255.0f - static_cast<float>(shift);
   int32_t bad = 0;
-  std::fill(a, a + pl.feed_bytes, pad);
   if (pl.direct) {
+    std::fill(a, a + pl.feed_bytes, pad);
     // four channels at a time, one 32-bit word per pixel (channels past Cg read a zero row)
     thread_local std::vector<float> zeros;
     zeros.assign(g.W, 0.0f);
@@ -887,7 +927,7 @@ void feed(const float* __restrict x, const int64_t* chan, int64_t cx, const Conv
                     *s3 = src[3] + ih * step[3];
         int64_t iw = 0;
 #if defined(__AVX512F__)
-        const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+        const __m512 vlo = _mm512_set1_ps(iq.lo), vhi = _mm512_set1_ps(iq.hi), vxs = _mm512_set1_ps(iq.xs);
         const __m512i vsh = _mm512_set1_epi32(shift), ff = _mm512_set1_epi32(0xFF);
         __mmask16 badm = 0;
         for (; iw < g.W; iw += 16) {
@@ -895,11 +935,12 @@ void feed(const float* __restrict x, const int64_t* chan, int64_t cx, const Conv
           __m512i word = _mm512_setzero_si512();
           const float* rows[4] = {s0, s1, s2, s3};
           for (int u = 0; u < 4; ++u) {
-            const __m512 v = _mm512_maskz_loadu_ps(in, rows[u] + iw);
+            __m512 v = _mm512_maskz_loadu_ps(in, rows[u] + iw);
+            if (!iq.one) v = _mm512_div_ps(v, vxs);
             const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            badm |= _mm512_cmp_ps_mask(v, r, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(v, vlo, _CMP_LT_OQ) |
-                    _mm512_cmp_ps_mask(v, vhi, _CMP_GT_OQ);
-            const __m512i b = _mm512_and_si512(_mm512_add_epi32(_mm512_cvttps_epi32(v), vsh), ff);
+            badm |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+            const __m512 q = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
+            const __m512i b = _mm512_and_si512(_mm512_add_epi32(_mm512_cvttps_epi32(q), vsh), ff);
             word = _mm512_or_si512(word, _mm512_slli_epi32(b, 8 * u));
           }
           _mm512_mask_storeu_epi32(d + iw * 4, in, word);
@@ -907,40 +948,44 @@ void feed(const float* __restrict x, const int64_t* chan, int64_t cx, const Conv
         bad |= badm != 0;
 #endif
         for (; iw < g.W; ++iw) {
-          bad |= outside(s0[iw], lo, hi) | outside(s1[iw], lo, hi) | outside(s2[iw], lo, hi) | outside(s3[iw], lo, hi);
-          const uint32_t word = ((static_cast<uint32_t>(static_cast<int32_t>(s0[iw])) + sh) & 0xFFu) |
-                                (((static_cast<uint32_t>(static_cast<int32_t>(s1[iw])) + sh) & 0xFFu) << 8) |
-                                (((static_cast<uint32_t>(static_cast<int32_t>(s2[iw])) + sh) & 0xFFu) << 16) |
-                                (((static_cast<uint32_t>(static_cast<int32_t>(s3[iw])) + sh) & 0xFFu) << 24);
+          const float q0 = iq.q(s0[iw]), q1 = iq.q(s1[iw]), q2 = iq.q(s2[iw]), q3 = iq.q(s3[iw]);
+          bad |= static_cast<int32_t>(q0 != q0) | static_cast<int32_t>(q1 != q1) | static_cast<int32_t>(q2 != q2) |
+                 static_cast<int32_t>(q3 != q3);
+          if (bad) break;
+          const uint32_t word = ((static_cast<uint32_t>(static_cast<int32_t>(q0)) + sh) & 0xFFu) |
+                                (((static_cast<uint32_t>(static_cast<int32_t>(q1)) + sh) & 0xFFu) << 8) |
+                                (((static_cast<uint32_t>(static_cast<int32_t>(q2)) + sh) & 0xFFu) << 16) |
+                                (((static_cast<uint32_t>(static_cast<int32_t>(q3)) + sh) & 0xFFu) << 24);
           std::memcpy(d + iw * 4, &word, 4);
         }
       }
     }
   } else {
+    // the group's channels quantized once into a padded byte plane (padding and zero channels
+    // hold the shift: an input 0), then each patch value copied from it
+    const int64_t Hp = std::max(g.H + g.ph, (g.OH - 1) * g.sh + (g.KH - 1) * g.dh + 1);
+    const int64_t Wp = std::max(g.W + g.pw, (g.OW - 1) * g.sw + (g.KW - 1) * g.dw + 1);
+    thread_local std::vector<uint8_t> plane_tls;
+    plane_tls.assign(g.Cg * Hp * Wp, pad);
+    uint8_t* qp = plane_tls.data();
+    for (int64_t c = 0; c < g.Cg; ++c) {
+      const int64_t ch = chan[grp * g.Cg + c];
+      if (ch < 0 || ch >= cx) continue;
+      for (int64_t ih = 0; ih < g.H; ++ih)
+        bad |= quant_row(x + (ch * g.H + ih) * g.W, g.W, iq, qp + (c * Hp + ih + g.ph) * Wp + g.pw);
+    }
     const int64_t khw = g.KH * g.KW;
     for (int64_t k = 0; k < g.K; ++k) {
-      const int64_t c = k / khw, i = (k / g.KW) % g.KH, j = k % g.KW, ch = chan[grp * g.Cg + c];
-      if (ch < 0 || ch >= cx) continue;   // a zero channel: the feed holds the shift there already
-      const float* src = x + ch * g.H * g.W;
+      const int64_t c = k / khw, i = (k / g.KW) % g.KH, j = k % g.KW;
+      const uint8_t* base = qp + (c * Hp + i * g.dh) * Wp + j * g.dw;
       uint8_t* dst = a + (k >> 2) * 64 + (k & 3);
-      for (int64_t oh = 0; oh < g.OH; ++oh) {
-        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-        if (ih < 0 || ih >= g.H) continue;
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const int64_t iw = ow * g.sw - g.pw + j * g.dw, n = oh * g.OW + ow;
-          if (iw >= 0 && iw < g.W) {
-            const float v = src[ih * g.W + iw];
-            bad |= outside(v, lo, hi);
-            dst[((n >> 4) * g.Kq) * 64 + (n & 15) * 4] = static_cast<uint8_t>(static_cast<int32_t>(v) + shift);
-          }
-        }
+      for (int64_t oh = 0, n = 0; oh < g.OH; ++oh) {
+        const uint8_t* row = base + oh * g.sh * Wp;
+        for (int64_t ow = 0; ow < g.OW; ++ow, ++n) dst[((n >> 4) * g.Kq) * 64 + (n & 15) * 4] = row[ow * g.sw];
       }
     }
   }
-  if (bad)
-    ORT_CXX_API_THROW(std::string(op) + (shift ? ": inputs must be integers in [-128, 127] (x_signed = 1)"
-                                               : ": inputs must be integers in [0, 255] (x_signed = 0)"),
-                      ORT_INVALID_ARGUMENT);
+  if (bad) ORT_CXX_API_THROW(std::string(op) + ": inputs must not be NaN", ORT_INVALID_ARGUMENT);
 }
 
 // out[i * ld + 16 (nb0 + j) + lane] = sum over kq, u of feed(kq, pixel) * w(i, kq, u), for
@@ -1049,9 +1094,9 @@ struct BinaryPlan {
   std::vector<uint32_t> w;         // [row][Kw] weight bits
 };
 
-BinaryPlan binary_plan(const float* wf, const ConvGeom& g, const Plan& pl, int64_t x_bits) {
+BinaryPlan binary_plan(const float* wf, const ConvGeom& g, const Plan& pl, int64_t x_bits, int64_t x_signed) {
   BinaryPlan b;
-  if (!kPopcount || x_bits != 1 || !pl.direct) return b;
+  if (!kPopcount || x_bits != 1 || x_signed != 0 || !pl.direct) return b;
   for (int64_t i = 0; i < g.M * g.K; ++i)
     if (wf[i] != 0.0f && wf[i] != 1.0f) return b;
   b.on = true;
@@ -1073,12 +1118,13 @@ BinaryPlan binary_plan(const float* wf, const ConvGeom& g, const Plan& pl, int64
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VPOPCNTDQ__)
 // Group grp's padded byte plane and its packed bit words (into a: plane, then words).
 void feed_bits(const float* __restrict x, const int64_t* chan, int64_t cx, const ConvGeom& g, const Plan& pl,
-               const BinaryPlan& bp, int64_t grp, uint8_t* __restrict a, const char* op) {
+               const BinaryPlan& bp, const InQuant& iq, int64_t grp, uint8_t* __restrict a, const char* op) {
   uint8_t* p8 = a;
   uint32_t* words = reinterpret_cast<uint32_t*>(a + ((bp.plane_bytes + 63) & ~int64_t{63}));
   std::fill(p8, p8 + bp.plane_bytes, uint8_t{0});
   __mmask16 bad = 0;
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f), vlo = _mm512_set1_ps(iq.lo), vhi = _mm512_set1_ps(iq.hi),
+               vxs = _mm512_set1_ps(iq.xs);
   for (int64_t c = 0; c < g.Cg; ++c) {
     const int64_t ch = chan[grp * g.Cg + c];
     if (ch < 0 || ch >= cx) continue;
@@ -1087,14 +1133,17 @@ void feed_bits(const float* __restrict x, const int64_t* chan, int64_t cx, const
       uint8_t* d = p8 + (c * pl.Hp + ih + g.ph) * pl.Wp + g.pw;
       for (int64_t iw = 0; iw < g.W; iw += 16) {
         const __mmask16 in = g.W - iw >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.W - iw)) - 1u);
-        const __m512 v = _mm512_maskz_loadu_ps(in, src + ih * g.W + iw);
-        const __mmask16 is1 = _mm512_cmp_ps_mask(v, one, _CMP_EQ_OQ);
-        bad |= in & ~(is1 | _mm512_cmp_ps_mask(v, zero, _CMP_EQ_OQ));
+        __m512 v = _mm512_maskz_loadu_ps(in, src + ih * g.W + iw);
+        if (!iq.one) v = _mm512_div_ps(v, vxs);
+        const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        bad |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+        const __m512 q = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
+        const __mmask16 is1 = _mm512_cmp_ps_mask(q, one, _CMP_EQ_OQ);
         _mm_mask_storeu_epi8(d + iw, in, _mm_maskz_mov_epi8(is1, _mm_set1_epi8(1)));
       }
     }
   }
-  if (bad) ORT_CXX_API_THROW(std::string(op) + ": bit-plane inputs must be 0 or 1 (x_bits = 1)", ORT_INVALID_ARGUMENT);
+  if (bad) ORT_CXX_API_THROW(std::string(op) + ": inputs must not be NaN", ORT_INVALID_ARGUMENT);
   for (int64_t nb = 0; nb < pl.NB; ++nb)
     for (int64_t kw = 0; kw < bp.Kw; ++kw) {
       __m512i word = _mm512_setzero_si512();
@@ -1141,8 +1190,8 @@ void gemm_bits(const uint8_t* a, const BinaryPlan& bp, const uint32_t* w, int64_
   });
 }
 #else
-void feed_bits(const float*, const int64_t*, int64_t, const ConvGeom&, const Plan&, const BinaryPlan&, int64_t, uint8_t*,
-               const char*) {}
+void feed_bits(const float*, const int64_t*, int64_t, const ConvGeom&, const Plan&, const BinaryPlan&, const InQuant&,
+               int64_t, uint8_t*, const char*) {}
 void gemm_bits(const uint8_t*, const BinaryPlan&, const uint32_t*, int64_t, const Plan&, int32_t*) {}
 #endif
 
@@ -1177,6 +1226,60 @@ struct PlaneView {
   int64_t N;
 };
 
+// The fused op's epilogue inputs after ``coef``: x_scale (one value: the input quantization,
+// InQuant), then y = (addend + r) * out_scale + out_bias on the recombination r, three float32
+// operations in that order (the body's Add, Mul, Add): addend one value or the output's shape
+// (the earlier chunks' sum), out_scale and out_bias one value or one per output channel.
+struct Epilogue {
+  float xs;
+  const float* add;
+  bool add_full;
+  const float* sc;
+  const float* bi;
+  bool sc_full, bi_full;
+  Epilogue(Ort::KernelContext& ctx, size_t i, const std::vector<int64_t>& yshape, const char* op) {
+    auto count = [&](size_t k) { return ctx.GetInput(k).GetTensorTypeAndShapeInfo().GetElementCount(); };
+    const int64_t cout = yshape[1];
+    if (count(i) != 1) ORT_CXX_API_THROW(std::string(op) + ": x_scale must be one value", ORT_INVALID_ARGUMENT);
+    xs = ctx.GetInput(i).GetTensorData<float>()[0];
+    auto ash = ctx.GetInput(i + 1).GetTensorTypeAndShapeInfo().GetShape();
+    add_full = count(i + 1) != 1;
+    if (add_full && ash != yshape)
+      ORT_CXX_API_THROW(std::string(op) + ": addend must be one value or of the output's shape", ORT_INVALID_ARGUMENT);
+    add = ctx.GetInput(i + 1).GetTensorData<float>();
+    for (size_t k : {i + 2, i + 3}) {
+      auto sh = ctx.GetInput(k).GetTensorTypeAndShapeInfo().GetShape();
+      const int64_t n = count(k);
+      const bool per_channel = n == cout && sh.size() >= 3 && sh.size() <= 4 && sh[sh.size() - 3] == cout &&
+                               sh[sh.size() - 2] == 1 && sh[sh.size() - 1] == 1;
+      if (n != 1 && !per_channel)
+        ORT_CXX_API_THROW(std::string(op) + (k == i + 2 ? ": out_scale" : ": out_bias") +
+                              " must be one value or one per output channel ([1, C, 1, 1])",
+                          ORT_INVALID_ARGUMENT);
+    }
+    sc = ctx.GetInput(i + 2).GetTensorData<float>();
+    bi = ctx.GetInput(i + 3).GetTensorData<float>();
+    sc_full = count(i + 2) != 1;
+    bi_full = count(i + 3) != 1;
+  }
+  float scale(int64_t c) const { return sc[sc_full ? c : 0]; }
+  float bias(int64_t c) const { return bi[bi_full ? c : 0]; }
+  // channel c's addend (image b, n values per channel), or nullptr where it is the one value add[0]
+  const float* addend(int64_t b, int64_t c, int64_t cout, int64_t n) const {
+    return add_full ? add + (b * cout + c) * n : nullptr;
+  }
+  // y[i] = ((addend + r[i]) * scale) + bias for i < n (a: the channel's addend at this offset or nullptr)
+  void apply(float* __restrict y, const float* r, const float* a, int64_t c, int64_t n) const {
+    const float s = scale(c), t = bias(c);
+    if (a != nullptr) {
+      for (int64_t i = 0; i < n; ++i) y[i] = ((a[i] + r[i]) * s) + t;
+    } else {
+      const float a0 = add[0];
+      for (int64_t i = 0; i < n; ++i) y[i] = ((a0 + r[i]) * s) + t;
+    }
+  }
+};
+
 // Fused kernel body shared by the ideal and non-ideal ops.  ``conv`` provides ``kRow``
 // (whether it reads the float row), ``prepare(ctx, row)`` (one look at image 0's first plane,
 // before the parallel part), ``begin(view)`` (what a plane's conversions need: the noise key)
@@ -1202,26 +1305,31 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
   int64_t B, coutg;
   float* y = recombine_output(ctx, {xs[0], g.M, g.OH, g.OW}, d, op, B, coutg);
   const int64_t cout = d.G * coutg, plane = cm.cx * g.H * g.W, ldc = pl.NB * 16;
+  const Epilogue ep(ctx, coef_input + 1, {B, cout, g.OH, g.OW}, op);
+  const InQuant iq(ep.xs, attrs.x_bits, attrs.x_signed, op);
   if (B * cout * g.N == 0) return;
-  const int32_t shift = attrs.x_signed ? 128 : 0;
+  const int32_t shift = iq.shift;
   std::vector<int32_t> corr(g.M);
   for (int64_t c = 0; c < g.M; ++c) corr[c] = shift * pw.rowsum[c];
   // The pixel domain the epilogue walks: the compact map for a float-row conversion, else the
   // products' own (padded-row) layout, whose padding columns are converted too and dropped
   // when the last plane is written (cheaper than short segments of one output row each).
   const bool padded = !Conversion::kRow && pl.pixel(1, 0, g) != g.OW;
+  // one plane: the conversions, their float64 sum, the epilogue and the store in one pass per
+  // output row (Conversion::rows), without the pixel blocks' buffers
+  const bool one_plane = Conversion::kRows && d.P == 1;
   const int64_t dom = padded ? pl.pixel(g.OH - 1, g.OW, g) : g.N;
   // products of one plane of image b, p into ci (M x ldc), and the float row if asked
-  const BinaryPlan bp = binary_plan(wv.GetTensorData<float>(), g, pl, attrs.x_bits);
+  const BinaryPlan bp = binary_plan(wv.GetTensorData<float>(), g, pl, attrs.x_bits, attrs.x_signed);
   const int64_t feed_bytes = bp.on ? ((bp.plane_bytes + 63) & ~int64_t{63}) + bp.words_bytes : pl.feed_bytes;
   auto products = [&](int64_t r, uint8_t* a, int32_t* ci, float* srow) {
     for (int64_t grp = 0; grp < g.G; ++grp) {
       if (bp.on) {
-        feed_bits(x + r * plane, cm.chan, cm.cx, g, pl, bp, grp, a, op);
+        feed_bits(x + r * plane, cm.chan, cm.cx, g, pl, bp, iq, grp, a, op);
         gemm_bits(a, bp, bp.w.data() + grp * g.Mg * bp.Kw, g.Mg, pl, ci + grp * g.Mg * ldc);
         continue;
       }
-      feed(x + r * plane, cm.chan, cm.cx, g, pl, grp, shift, a, op);
+      feed(x + r * plane, cm.chan, cm.cx, g, pl, grp, iq, a, op);
       gemm(a, pw.w.data() + grp * g.Mg * pl.Kq * 4, g.Mg, pl, ci + grp * g.Mg * ldc);
     }
     if (srow != nullptr)
@@ -1252,6 +1360,16 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
     if (padded) ypad.resize(dom);
     float* out = y + b * cout * g.N;
     const PlaneView view{ci.data(), ldc, corr.data(), srow.data(), g.N};
+    if (one_plane) {
+      products(b, a.data(), ci.data(), nullptr);
+      for (int64_t gg = 0; gg < d.G; ++gg)
+        for (int64_t o = 0; o < coutg; ++o) {
+          const int64_t c = gg * coutg + o;
+          conv.rows(view, d, gg, o, coutg, coef, ep, c, ep.addend(b, c, cout, g.N), out + c * g.N, g.OH, g.OW,
+                    pl.pixel(1, 0, g) - pl.pixel(0, 0, g));
+        }
+      return;
+    }
     for (int64_t p = 0; p < d.P; ++p) {
       products(p * B + b, a.data(), ci.data(), Conversion::kRow ? srow.data() : nullptr);
       const auto state = conv.begin(view);
@@ -1276,9 +1394,15 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
             else
               for (int64_t i = 0; i < len; ++i) ao[n0 + i] = sum[i];
           }
-          if (last && padded)
+          if (!last) continue;
+          const int64_t c = gg * coutg + o;
+          const float* ad = ep.addend(b, c, cout, g.N);
+          float* oc = out + c * g.N;
+          if (padded)   // the epilogue reads the padded rows and writes the output's
             for (int64_t oh = 0; oh < g.OH; ++oh)
-              std::memcpy(out + (gg * coutg + o) * g.N + oh * g.OW, yo + pl.pixel(oh, 0, g), g.OW * sizeof(float));
+              ep.apply(oc + oh * g.OW, yo + pl.pixel(oh, 0, g), ad == nullptr ? nullptr : ad + oh * g.OW, c, g.OW);
+          else
+            ep.apply(oc, oc, ad, c, g.N);
         }
     }
   });
@@ -1288,6 +1412,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
 // the Conv would give (exact below 2^24), then adc_ideal's operations.
 struct IdealFromProducts {
   static constexpr bool kRow = false;
+  static constexpr bool kRows = true;
   ColParam sc, zp;
   float top;
   void prepare(Ort::KernelContext&, const float*) const {}
@@ -1302,10 +1427,84 @@ struct IdealFromProducts {
       v[i] = (code - z) * d;
     }
   }
+  // Output channel c = (gg, o) of a one-plane chunk, row by row: its T*S columns ((gg*T + t)*S
+  // + s)*coutg + o converted (the steps of convert) and summed in float64 in AdcRecombine's
+  // order (sum = +0.0; sum += double(v) * k), rounded to float32, then the epilogue ((addend +
+  // r) * scale) + bias, stored at out[oh * OW ..] (products of row oh at pv.ci + col * ldc + oh *
+  // row).  One term of coefficient +-1 is summed in float32 as (v * k) + 0.0f, which is the same
+  // value (v * +-1 is exact; + 0.0f turns the -0.0 of 0 * -1 into the +0.0 of the float64 sum).
+  // In AVX-512 std::max(a, b) is _mm512_max_ps(b, a), std::min(a, b) _mm512_min_ps(b, a): the
+  // same operand on ties and NaN.
+  void rows(const PlaneView& pv, const RecombineDims& d, int64_t gg, int64_t o, int64_t coutg, const float* coef,
+            const Epilogue& ep, int64_t c, const float* ad, float* out, int64_t OH, int64_t OW, int64_t row) const {
+    const int64_t terms = d.T * d.S;
+    thread_local std::vector<int64_t> col;
+    thread_local std::vector<float> dd, zz, kk;
+    thread_local std::vector<int32_t> cr;
+    col.resize(terms); dd.resize(terms); zz.resize(terms); kk.resize(terms); cr.resize(terms);
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t s = 0; s < d.S; ++s) {
+        const int64_t i = t * d.S + s, cc = ((gg * d.T + t) * d.S + s) * coutg + o;
+        col[i] = cc; dd[i] = sc.at(cc); zz[i] = zp.at(cc); kk[i] = coef[s]; cr[i] = pv.corr[cc];
+      }
+    // plain pointers: thread_local objects of a shared library are reached through a call
+    const int64_t* COL = col.data();
+    const float *D = dd.data(), *Z = zz.data(), *K = kk.data();
+    const int32_t* CR = cr.data();
+    const bool one = terms == 1 && std::fabs(K[0]) == 1.0f;
+    const float sc_c = ep.scale(c), bi_c = ep.bias(c), a0 = ep.add[0];
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      float* op = out + oh * OW;
+      const float* a = ad == nullptr ? nullptr : ad + oh * OW;
+      int64_t ow = 0;
+#if defined(__AVX512F__)
+      const __m512 vs = _mm512_set1_ps(sc_c), vt = _mm512_set1_ps(bi_c), va0 = _mm512_set1_ps(a0),
+                   zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
+      auto conv16 = [&](int64_t i, __mmask16 m) {
+        const int32_t* in = pv.ci + COL[i] * pv.ldc + oh * row + ow;
+        const __m512 vd = _mm512_set1_ps(D[i]), vz = _mm512_set1_ps(Z[i]);
+        const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, in), _mm512_set1_epi32(CR[i])));
+        const __m512 r = _mm512_add_ps(
+            _mm512_roundscale_ps(_mm512_div_ps(sv, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+        return _mm512_mul_ps(_mm512_sub_ps(_mm512_min_ps(vtop, _mm512_max_ps(zero, r)), vz), vd);
+      };
+      for (; ow < OW; ow += 16) {
+        const __mmask16 m = OW - ow >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (OW - ow)) - 1u);
+        __m512 y;
+        if (one) {
+          y = _mm512_add_ps(_mm512_mul_ps(conv16(0, m), _mm512_set1_ps(K[0])), zero);
+        } else {
+          __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+          for (int64_t i = 0; i < terms; ++i) {
+            const __m512 v = conv16(i, m);
+            const __m512d k = _mm512_set1_pd(static_cast<double>(K[i]));
+            lo = _mm512_add_pd(lo, _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), k));
+            hi = _mm512_add_pd(hi, _mm512_mul_pd(
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), k));
+          }
+          y = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo))),
+                                                  _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
+        }
+        const __m512 av = a == nullptr ? va0 : _mm512_maskz_loadu_ps(m, a + ow);
+        _mm512_mask_storeu_ps(op + ow, m, _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(av, y), vs), vt));
+      }
+#endif
+      for (; ow < OW; ++ow) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < terms; ++i) {
+          const float sv = static_cast<float>(pv.ci[COL[i] * pv.ldc + oh * row + ow] - CR[i]);
+          const float code = std::min(std::max(std::nearbyint(sv / D[i]) + Z[i], 0.0f), top);
+          sum += static_cast<double>((code - Z[i]) * D[i]) * static_cast<double>(K[i]);
+        }
+        op[ow] = (((a == nullptr ? a0 : a[ow]) + static_cast<float>(sum)) * sc_c) + bi_c;
+      }
+    }
+  }
 };
 
 struct NonIdealFromRow {
   static constexpr bool kRow = true;
+  static constexpr bool kRows = false;
   NonIdeal& ni;
   // a curve is tabulated per column where the first image's first plane says it pays
   void prepare(Ort::KernelContext& ctx, const float* row) const {
@@ -1315,6 +1514,8 @@ struct NonIdealFromRow {
   void convert(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t key, float* v) const {
     ni.run_range(pv.row, c, n0, len, key, Store{v});
   }
+  void rows(const PlaneView&, const RecombineDims&, int64_t, int64_t, int64_t, const float*, const Epilogue&, int64_t,
+            const float*, float*, int64_t, int64_t, int64_t) const {}
 };
 
 struct ConvAdcRecombineKernel {
@@ -1378,8 +1579,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   static Op<RecombineKernel, 2> recombine("Recombine");
   static Op<AdcRecombineKernel, 4> adc_recombine("AdcRecombine");
   static Op<AdcRecombineNonIdealKernel, 7> adc_recombine_nonideal("AdcRecombineNonIdeal");
-  static Op<ConvAdcRecombineKernel, 6> conv_adc_recombine("ConvAdcRecombine");
-  static Op<ConvAdcRecombineNonIdealKernel, 9> conv_adc_recombine_nonideal("ConvAdcRecombineNonIdeal");
+  static Op<ConvAdcRecombineKernel, 10> conv_adc_recombine("ConvAdcRecombine");
+  static Op<ConvAdcRecombineNonIdealKernel, 13> conv_adc_recombine_nonideal("ConvAdcRecombineNonIdeal");
   static Ort::CustomOpDomain domain{"ai.pimc"};
   static std::once_flag once;
   OrtStatus* status = nullptr;
@@ -1402,7 +1603,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   return status;
 }
 
-extern "C" const char* PimcNativeVersion() { return "pimc-native 2"; }
+extern "C" const char* PimcNativeVersion() { return "pimc-native 3"; }
 
 // The integer products the fused array ops use: "vnni" (AVX-512 VNNI bytes), "+popcount"
 // (AND + popcount for bit planes times 1-bit cells), or "portable".
