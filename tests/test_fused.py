@@ -236,16 +236,31 @@ def test_binary_products_take_popcount_and_match(hw, k, cg, pads, dil):
 
 
 @needs_native
-@settings(max_examples=30, deadline=None)
-@given(fused_cases(), st.sampled_from([1.0, -1.0]))
-def test_fused_single_term_path(c, k):
-    """One plane, tile and slice with coefficient +-1 (the native scheme's chunks) takes the
-    kernel's one-pass path (conversion, epilogue and store per output row): same values."""
-    c = dict(c, P=1, T=1, S=1, inputs="unsigned8" if c["inputs"] == "planes" else c["inputs"])
+@settings(max_examples=40, deadline=None)
+@given(fused_cases(), st.sampled_from([(1, 1), (2, 1), (1, 2)]), st.sampled_from([1.0, -1.0]),
+       st.sampled_from([1.0, -1.0]), st.sampled_from([1.0, 1e-6, 3e4]))
+def test_fused_one_and_two_term_paths(c, ts, k0, k1, spread):
+    """One-plane chunks with one or two terms of coefficient +-1 (native and differential chunks)
+    take the kernel's one-pass paths, summing in float32 where that equals the float64 sum (the
+    scales within 2^27 / 2^bits of each other; ``spread`` puts some columns' scales far
+    apart, where the float64 sum stays): same values."""
+    c = dict(c, P=1, T=ts[0], S=ts[1], inputs="unsigned8" if c["inputs"] == "planes" else c["inputs"])
     _, x, chan, w, scale, zp, coef, attrs, ep = _tensors(c)
-    coef = np.full((1, 1), k, np.float32)
+    scale = scale.copy()
+    scale[:, ::3] *= np.float32(spread)
+    coef = np.array([[k0, k1][:ts[1]]], np.float32)
     body, nat, ref = _run_three("ConvAdcRecombine", x, {"channels": chan, "w": w, "scale": scale, "zp": zp,
                                                         "coef": coef, **ep}, attrs, (w, scale, zp, coef, *ep.values()))
+    assert np.array_equal(nat, body), np.abs(nat - body).max()
+    assert np.array_equal(body, ref)
+    rng = np.random.default_rng(c["seed"] + 1)   # the non-ideal twin (noise and a curve) on the same paths
+    cols = w.shape[0]
+    consts = {"channels": chan, "w": w, "scale": scale, "zp": zp,
+              "gain": rng.normal(1, 0.05, (1, cols, 1, 1)).astype(np.float32),
+              "offset": rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32),
+              "lut": transfer_lut(build_chip_config(inl=1.5), c["bits"]), "coef": coef, **ep}
+    body, nat, ref = _run_three("ConvAdcRecombineNonIdeal", x, consts, dict(attrs, noise_sigma=0.7, seed=int(c["seed"])),
+                                tuple(consts.values())[1:])
     assert np.array_equal(nat, body), np.abs(nat - body).max()
     assert np.array_equal(body, ref)
     assert not np.any(np.signbit(nat) & (nat == 0)) or c["epilogue"] in ("affine", "both")

@@ -100,6 +100,9 @@ struct Store {
 #ifdef __AVX2__
   void put8(int64_t i, __m256 v) const { _mm256_storeu_ps(out + i, v); }
 #endif
+#ifdef __AVX512F__
+  void put16(int64_t i, __m512 v) const { _mm512_storeu_ps(out + i, v); }
+#endif
 };
 
 struct Accumulate {
@@ -113,6 +116,16 @@ struct Accumulate {
     __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), kk);
     _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), lo));
     _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), hi));
+  }
+#endif
+#ifdef __AVX512F__
+  void put16(int64_t i, __m512 v) const {
+    const __m512d kk = _mm512_set1_pd(k);
+    const __m512d lo = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), kk);
+    const __m512d hi = _mm512_mul_pd(
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), kk);
+    _mm512_storeu_pd(acc + i, _mm512_add_pd(_mm512_loadu_pd(acc + i), lo));
+    _mm512_storeu_pd(acc + i + 8, _mm512_add_pd(_mm512_loadu_pd(acc + i + 8), hi));
   }
 #endif
 };
@@ -235,6 +248,42 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
              const Column& k, const float* __restrict pairs) {
   const Sink out = sink;  // a local copy: the compiler need not reload its fields after each store
   int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // Without a curve, sixteen values at a time in one loop: Lanes' steps in 16 lanes (the
+  // same operations and operand orders)
+  if constexpr (Identity) {
+    const __m512 d = _mm512_set1_ps(k.d), g = _mm512_set1_ps(k.g), o = _mm512_set1_ps(k.o), z = _mm512_set1_ps(k.z),
+                 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(k.top), two = _mm512_set1_ps(2.0f),
+                 c256 = _mm512_set1_ps(256.0f), ss = _mm512_set1_ps(k.ss), ss256 = _mm512_set1_ps(k.ss / 256.0f);
+    const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(k.key)),
+                  m1 = _mm512_set1_epi32(static_cast<int32_t>(2146121005u)),
+                  m2 = _mm512_set1_epi32(static_cast<int32_t>(2221713035u)), ones8 = _mm512_set1_epi8(1),
+                  ones16 = _mm512_set1_epi16(1), c510 = _mm512_set1_epi32(510);
+    const float s256 = k.ss / 256.0f;
+    const bool folded = std::isnormal(s256) && s256 * 256.0f == k.ss;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 w = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(g, _mm512_div_ps(_mm512_loadu_ps(in + i), d)), o), z);
+      const __m512 wc = _mm512_min_ps(_mm512_max_ps(zero, w), top);
+      __m512 f = _mm512_add_ps(wc, _mm512_sub_ps(w, wc));
+      if (Noisy) {
+        __m512i h = _mm512_add_epi32(_mm512_loadu_si512(mc + i), key);
+        h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 16));
+        h = _mm512_mullo_epi32(h, m1);
+        h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 15));
+        h = _mm512_mullo_epi32(h, m2);
+        h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 16));
+        const __m512i fs = _mm512_madd_epi16(_mm512_maddubs_epi16(h, ones8), ones16);
+        const __m512 nz = folded ? _mm512_mul_ps(ss256, _mm512_cvtepi32_ps(_mm512_sub_epi32(fs, c510)))
+                                 : _mm512_mul_ps(ss, _mm512_sub_ps(_mm512_div_ps(_mm512_add_ps(_mm512_cvtepi32_ps(fs), two),
+                                                                                 c256), two));
+        f = _mm512_add_ps(f, nz);
+      }
+      const __m512 code = _mm512_min_ps(
+          _mm512_max_ps(zero, _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), top);
+      out.put16(i, _mm512_mul_ps(_mm512_sub_ps(code, z), d));
+    }
+  }
+#endif
 #ifdef __AVX2__
   const Lanes v(k);
   alignas(32) int32_t seg[kBlock];
@@ -1226,6 +1275,21 @@ struct PlaneView {
   int64_t N;
 };
 
+// Whether the float64 recombination sum of ``terms`` (1 or 2) converted values v (v = (code - z) *
+// d, code - z an integer of magnitude <= 2^bits = top + 1) with coefficients k0, k1 equals a float32
+// sum: one term with k = +-1 (float(0.0 + double(v) * k) = (v * k) + 0.0f: exact, and + 0.0f turns
+// the -0.0 of 0 * -1 into the float64 sum's +0.0); two terms with k = +-1 whose values' exponents
+// lie within 28 of each other (|v| <= 2^bits * d, a nonzero |v| >= d, 24-bit significands: the
+// exact sum fits float64's 53 bits, so float(0.0 + v0 k0 + v1 k1) = ((v0 k0) + (v1 k1)) + 0.0f,
+// rounded once either way).
+inline bool float_sum_exact(int64_t terms, float k0, float k1, float d0, float d1, float top) {
+  if (terms == 1) return std::fabs(k0) == 1.0f;
+  if (terms != 2 || std::fabs(k0) != 1.0f || std::fabs(k1) != 1.0f) return false;
+  const float lo = std::min(d0, d1), hi = std::max(d0, d1);
+  return lo > 0.0f && std::isfinite(hi) &&
+         static_cast<double>(hi) * (static_cast<double>(top) + 1.0) <= static_cast<double>(lo) * 134217728.0;  // 2^27
+}
+
 // The fused op's epilogue inputs after ``coef``: x_scale (one value: the input quantization,
 // InQuant), then y = (addend + r) * out_scale + out_bias on the recombination r, three float32
 // operations in that order (the body's Add, Mul, Add): addend one value or the output's shape
@@ -1378,6 +1442,32 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
         for (int64_t o = 0; o < coutg; ++o) {
           double* ao = d.P > 1 ? acc.data() + (gg * coutg + o) * dom : nullptr;
           float* yo = padded ? ypad.data() : out + (gg * coutg + o) * g.N;
+          // one plane, one or two terms summed in float32 where that is the float64 sum
+          // (float_sum_exact), and the epilogue, straight into the output channel
+          const int64_t terms = d.T * d.S, c = gg * coutg + o;
+          const int64_t col0 = (gg * d.T * d.S) * coutg + o, col1 = col0 + coutg;   // terms t*S + s = 0, 1
+          const float k0 = coef[0], k1 = terms == 2 ? coef[d.S == 2 ? 1 : 0] : 0.0f;
+          if (!padded && d.P == 1 &&
+              float_sum_exact(terms, k0, k1, conv.step(col0), terms == 2 ? conv.step(col1) : 0.0f, conv.top_code())) {
+            const float* ad = ep.addend(b, c, cout, g.N);
+            const float sc_c = ep.scale(c), bi_c = ep.bias(c), a0 = ep.add[0];
+            for (int64_t n0 = 0; n0 < dom; n0 += kPixBlock) {
+              const int64_t len = std::min(kPixBlock, dom - n0);
+              float v0[kPixBlock], v1[kPixBlock];
+              conv.convert(view, col0, n0, len, state, v0);
+              if (terms == 2) {
+                conv.convert(view, col1, n0, len, state, v1);
+                for (int64_t i = 0; i < len; ++i) v0[i] = ((v0[i] * k0) + (v1[i] * k1)) + 0.0f;
+              } else {
+                for (int64_t i = 0; i < len; ++i) v0[i] = (v0[i] * k0) + 0.0f;
+              }
+              if (ad != nullptr)
+                for (int64_t i = 0; i < len; ++i) yo[n0 + i] = ((ad[n0 + i] + v0[i]) * sc_c) + bi_c;
+              else
+                for (int64_t i = 0; i < len; ++i) yo[n0 + i] = ((a0 + v0[i]) * sc_c) + bi_c;
+            }
+            continue;
+          }
           for (int64_t n0 = 0; n0 < dom; n0 += kPixBlock) {
             const int64_t len = std::min(kPixBlock, dom - n0);
             double sum[kPixBlock];
@@ -1395,7 +1485,6 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
               for (int64_t i = 0; i < len; ++i) ao[n0 + i] = sum[i];
           }
           if (!last) continue;
-          const int64_t c = gg * coutg + o;
           const float* ad = ep.addend(b, c, cout, g.N);
           float* oc = out + c * g.N;
           if (padded)   // the epilogue reads the padded rows and writes the output's
@@ -1427,12 +1516,13 @@ struct IdealFromProducts {
       v[i] = (code - z) * d;
     }
   }
+  float step(int64_t c) const { return sc.at(c); }
+  float top_code() const { return top; }
   // Output channel c = (gg, o) of a one-plane chunk, row by row: its T*S columns ((gg*T + t)*S
   // + s)*coutg + o converted (the steps of convert) and summed in float64 in AdcRecombine's
   // order (sum = +0.0; sum += double(v) * k), rounded to float32, then the epilogue ((addend +
   // r) * scale) + bias, stored at out[oh * OW ..] (products of row oh at pv.ci + col * ldc + oh *
-  // row).  One term of coefficient +-1 is summed in float32 as (v * k) + 0.0f, which is the same
-  // value (v * +-1 is exact; + 0.0f turns the -0.0 of 0 * -1 into the +0.0 of the float64 sum).
+  // row); one or two terms in float32 where float_sum_exact says that is the same value.
   // In AVX-512 std::max(a, b) is _mm512_max_ps(b, a), std::min(a, b) _mm512_min_ps(b, a): the
   // same operand on ties and NaN.
   void rows(const PlaneView& pv, const RecombineDims& d, int64_t gg, int64_t o, int64_t coutg, const float* coef,
@@ -1451,7 +1541,9 @@ struct IdealFromProducts {
     const int64_t* COL = col.data();
     const float *D = dd.data(), *Z = zz.data(), *K = kk.data();
     const int32_t* CR = cr.data();
-    const bool one = terms == 1 && std::fabs(K[0]) == 1.0f;
+    // one or two terms summed in float32 where that is the float64 sum (float_sum_exact)
+    const bool fsum = float_sum_exact(terms, K[0], terms == 2 ? K[1] : 0.0f, D[0], terms == 2 ? D[1] : 0.0f, top);
+    const bool one = fsum && terms == 1, two = fsum && terms == 2;
     const float sc_c = ep.scale(c), bi_c = ep.bias(c), a0 = ep.add[0];
     for (int64_t oh = 0; oh < OH; ++oh) {
       float* op = out + oh * OW;
@@ -1473,6 +1565,9 @@ struct IdealFromProducts {
         __m512 y;
         if (one) {
           y = _mm512_add_ps(_mm512_mul_ps(conv16(0, m), _mm512_set1_ps(K[0])), zero);
+        } else if (two) {
+          y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(conv16(0, m), _mm512_set1_ps(K[0])),
+                                          _mm512_mul_ps(conv16(1, m), _mm512_set1_ps(K[1]))), zero);
         } else {
           __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
           for (int64_t i = 0; i < terms; ++i) {
@@ -1511,6 +1606,8 @@ struct NonIdealFromRow {
     if (!ni.identity && ni.table_pays({row})) ni.tabulate(ctx);
   }
   uint32_t begin(const PlaneView& pv) const { return ni.noisy ? ni.row_key(pv.row) : 0u; }
+  float step(int64_t c) const { return ni.sc.at(c); }
+  float top_code() const { return ni.top; }
   void convert(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t key, float* v) const {
     ni.run_range(pv.row, c, n0, len, key, Store{v});
   }
