@@ -175,8 +175,9 @@ def targets(results: dict) -> list[str]:
     if "digital-qat" in losses and len(losses) > 1:
         out.append("  Why the 1-point target is missed: under the same budget the 4-bit-ADC runs end with a higher "
                    "training loss (mean of the last 20 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
-                   + "): the 4-bit ADC's error is not trained away under this budget; with a 7-bit ADC "
-                   "(chip7-pimqat) PIM-QAT comes within a point.")
+                   + "): the 4-bit ADC's error is not trained away under this budget"
+                   + ("; with a 7-bit ADC (chip7-pimqat) PIM-QAT comes within a point." if "chip7-pimqat" in results
+                      else "."))
     r = results.get("chip7-pimqat")
     if r is not None and r.get("chips_bncal"):
         ideal, c = 100 * r["ideal_top1"], r["chips_bncal"]
