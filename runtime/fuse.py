@@ -83,10 +83,11 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
     producers = _producers(model)
-    readers: dict[str, int] = {}
+    consumers: dict[str, list] = {}   # tensor -> the nodes reading it
     for n in model.graph.node:
         for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+            consumers.setdefault(i, []).append(n)
+    readers = {t: len(ns) for t, ns in consumers.items()}
     outputs = {o.name for o in model.graph.output}
     fuse: dict[str, tuple] = {}   # conv node name -> (conv, adc, attributes, x, channels, replaced nodes)
     for L in mapping.layers:
@@ -124,10 +125,10 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
     # a Pad goes when every reader of its output is a gather this rewrite replaces
     for *_, rep in fuse.values():
         for pad in rep[1:]:
-            gathers = {n.name for n in model.graph.node if pad.output[0] in n.input}
+            gathers = {n.name for n in consumers.get(pad.output[0], [])}
             if gathers <= drop:
                 drop.add(pad.name)
-    extra = _epilogues(model, mapping, fuse, nodes, inits, readers, outputs, drop)
+    extra = _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop)
     new_nodes = []
     for n in out.graph.node:
         if n.name in drop:
@@ -171,14 +172,13 @@ def _per_channel(t: onnx.TensorProto, cout: int) -> bool:
     return int(np.prod(dims)) == 1 or (int(np.prod(dims)) == cout and dims[-3:] == [cout, 1, 1] and len(dims) <= 4)
 
 
-def _epilogues(model, mapping, fuse, nodes, inits, readers, outputs, drop) -> dict:
+def _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop) -> dict:
     """For each layer whose chunks all fuse: which of its QuantizeInput, Sum of chunks,
     dequantization Mul and bias Add go into its fused nodes (names added to ``drop``), as
     {conv name: {"x", "x_scale", "addend", "out_scale", "out_bias", "y"}} (only what changes)."""
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    def only_reader(t, node) -> bool:
+        return t not in outputs and [n.name for n in consumers.get(t, [])] == [node.name]
+
     extra: dict[str, dict] = {}
     for L in mapping.layers:
         convs = [nodes.get(N.node(L.name, N.ARRAY_MAC, c.suffix)) for c in L.chunk_list]
@@ -188,10 +188,10 @@ def _epilogues(model, mapping, fuse, nodes, inits, readers, outputs, drop) -> di
         ep = {c.name: {} for c in convs}
         # the layer's input quantization: when only the fused chunks (and the gathers they replace) read it
         q = nodes.get(N.node(L.name, N.QUANTIZE_INPUT))
-        xs = {fuse[c.name][3] for c in convs}
         attrs = fuse[convs[0].name][2]
-        if (q is not None and q.op_type == "QuantizeInput" and q.domain == DOMAIN and xs == {q.output[0]}
-                and q.output[0] not in outputs and q.input[1] in inits and int(np.prod(inits[q.input[1]].dims)) == 1
+        if (q is not None and q.op_type == "QuantizeInput" and q.domain == DOMAIN
+                and {fuse[c.name][3] for c in convs} == {q.output[0]} and q.output[0] not in outputs
+                and q.input[1] in inits and int(np.prod(inits[q.input[1]].dims)) == 1
                 and all(r.name in drop or r.name in fuse for r in consumers.get(q.output[0], []))):
             qa = {a.name: helper.get_attribute_value(a) for a in q.attribute}
             if qa.get("bits") == attrs["x_bits"] and qa.get("signed", 0) == attrs["x_signed"]:
@@ -199,32 +199,27 @@ def _epilogues(model, mapping, fuse, nodes, inits, readers, outputs, drop) -> di
                     ep[c.name].update(x=q.input[0], x_scale=q.input[1])
                 drop.add(q.name)
         # the Sum of chunks: a left fold, chunk i adds chunk i-1's running sum
-        y = adcs[0].output[0]
+        y, summed = adcs[0].output[0], True
         if len(convs) > 1:
             s = nodes.get(N.node(L.name, N.SUM_CHUNKS))
-            if (s is None or s.op_type != "Sum" or list(s.input) != [a.output[0] for a in adcs]
-                    or any(readers[a.output[0]] != 1 or a.output[0] in outputs for a in adcs)):
-                for c in convs:
-                    if ep[c.name]:
-                        extra[c.name] = ep[c.name]
-                continue
-            for prev, c in zip(adcs, convs[1:]):
-                ep[c.name]["addend"] = prev.output[0]
-            y = s.output[0]
-            drop.add(s.name)
-        last = ep[convs[-1].name]
-        cout = L.cout
-        for role, op, key in ((N.DEQUANTIZE, "Mul", "out_scale"), (N.BIAS, "Add", "out_bias")):
-            m = nodes.get(N.node(L.name, role))
-            if (m is None or m.op_type != op or m.domain not in ("", "ai.onnx") or len(m.input) != 2
-                    or m.input[0] != y or readers[y] != 1 or y in outputs or m.input[1] not in inits
-                    or not _per_channel(inits[m.input[1]], cout)):
-                break
-            last[key] = m.input[1]
-            y = m.output[0]
-            drop.add(m.name)
-        last["y"] = y
-        for c in convs:
-            if ep[c.name]:
-                extra[c.name] = ep[c.name]
+            summed = (s is not None and s.op_type == "Sum" and list(s.input) == [a.output[0] for a in adcs]
+                      and all(only_reader(a.output[0], s) for a in adcs))
+            if summed:
+                for prev, c in zip(adcs, convs[1:]):
+                    ep[c.name]["addend"] = prev.output[0]
+                y = s.output[0]
+                drop.add(s.name)
+        if summed:   # then the dequantization Mul and the bias Add, as far as they apply per channel
+            last = ep[convs[-1].name]
+            for role, op, key in ((N.DEQUANTIZE, "Mul", "out_scale"), (N.BIAS, "Add", "out_bias")):
+                m = nodes.get(N.node(L.name, role))
+                if (m is None or m.op_type != op or m.domain not in ("", "ai.onnx") or len(m.input) != 2
+                        or m.input[0] != y or not only_reader(y, m) or m.input[1] not in inits
+                        or not _per_channel(inits[m.input[1]], L.cout)):
+                    break
+                last[key] = m.input[1]
+                y = m.output[0]
+                drop.add(m.name)
+            last["y"] = y
+        extra.update({name: e for name, e in ep.items() if e})
     return extra

@@ -918,6 +918,15 @@ struct InQuant {
     shift = sign ? 128 : 0;
   }
   float q(float v) const { return std::min(std::max(std::nearbyint(one ? v : v / xs), lo), hi); }
+#if defined(__AVX512F__)
+  // q of sixteen values; lanes whose rounded value is NaN are or-ed into bad
+  __m512 q16(__m512 v, __mmask16& bad) const {
+    if (!one) v = _mm512_div_ps(v, _mm512_set1_ps(xs));
+    const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    bad |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    return _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+  }
+#endif
 };
 
 // n values of a row quantized (InQuant) into bytes q + shift at dst; returns 1 on a NaN.
@@ -925,16 +934,11 @@ inline int32_t quant_row(const float* __restrict src, int64_t n, const InQuant& 
   int64_t i = 0;
   int32_t bad = 0;
 #if defined(__AVX512F__)
-  const __m512 vlo = _mm512_set1_ps(iq.lo), vhi = _mm512_set1_ps(iq.hi), vxs = _mm512_set1_ps(iq.xs);
   const __m512i vsh = _mm512_set1_epi32(iq.shift);
   __mmask16 badm = 0;
   for (; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
-    __m512 v = _mm512_maskz_loadu_ps(m, src + i);
-    if (!iq.one) v = _mm512_div_ps(v, vxs);
-    const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    badm |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-    const __m512 q = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
+    const __m512 q = iq.q16(_mm512_maskz_loadu_ps(m, src + i), badm);
     _mm_mask_storeu_epi8(dst + i, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvttps_epi32(q), vsh)));
   }
   bad |= badm != 0;
@@ -976,7 +980,6 @@ void feed(const float* __restrict x, const int64_t* chan, int64_t cx, const Conv
                     *s3 = src[3] + ih * step[3];
         int64_t iw = 0;
 #if defined(__AVX512F__)
-        const __m512 vlo = _mm512_set1_ps(iq.lo), vhi = _mm512_set1_ps(iq.hi), vxs = _mm512_set1_ps(iq.xs);
         const __m512i vsh = _mm512_set1_epi32(shift), ff = _mm512_set1_epi32(0xFF);
         __mmask16 badm = 0;
         for (; iw < g.W; iw += 16) {
@@ -984,11 +987,7 @@ void feed(const float* __restrict x, const int64_t* chan, int64_t cx, const Conv
           __m512i word = _mm512_setzero_si512();
           const float* rows[4] = {s0, s1, s2, s3};
           for (int u = 0; u < 4; ++u) {
-            __m512 v = _mm512_maskz_loadu_ps(in, rows[u] + iw);
-            if (!iq.one) v = _mm512_div_ps(v, vxs);
-            const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            badm |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-            const __m512 q = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
+            const __m512 q = iq.q16(_mm512_maskz_loadu_ps(in, rows[u] + iw), badm);
             const __m512i b = _mm512_and_si512(_mm512_add_epi32(_mm512_cvttps_epi32(q), vsh), ff);
             word = _mm512_or_si512(word, _mm512_slli_epi32(b, 8 * u));
           }
@@ -1172,8 +1171,7 @@ void feed_bits(const float* __restrict x, const int64_t* chan, int64_t cx, const
   uint32_t* words = reinterpret_cast<uint32_t*>(a + ((bp.plane_bytes + 63) & ~int64_t{63}));
   std::fill(p8, p8 + bp.plane_bytes, uint8_t{0});
   __mmask16 bad = 0;
-  const __m512 one = _mm512_set1_ps(1.0f), vlo = _mm512_set1_ps(iq.lo), vhi = _mm512_set1_ps(iq.hi),
-               vxs = _mm512_set1_ps(iq.xs);
+  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t c = 0; c < g.Cg; ++c) {
     const int64_t ch = chan[grp * g.Cg + c];
     if (ch < 0 || ch >= cx) continue;
@@ -1182,11 +1180,7 @@ void feed_bits(const float* __restrict x, const int64_t* chan, int64_t cx, const
       uint8_t* d = p8 + (c * pl.Hp + ih + g.ph) * pl.Wp + g.pw;
       for (int64_t iw = 0; iw < g.W; iw += 16) {
         const __mmask16 in = g.W - iw >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.W - iw)) - 1u);
-        __m512 v = _mm512_maskz_loadu_ps(in, src + ih * g.W + iw);
-        if (!iq.one) v = _mm512_div_ps(v, vxs);
-        const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        bad |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-        const __m512 q = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
+        const __m512 q = iq.q16(_mm512_maskz_loadu_ps(in, src + ih * g.W + iw), bad);
         const __mmask16 is1 = _mm512_cmp_ps_mask(q, one, _CMP_EQ_OQ);
         _mm_mask_storeu_epi8(d + iw, in, _mm_maskz_mov_epi8(is1, _mm_set1_epi8(1)));
       }
@@ -1274,6 +1268,12 @@ struct PlaneView {
   const float* row;
   int64_t N;
 };
+
+// The column of term i = t * S + s (tile t, slice s) of output channel o of group gg in one plane's
+// columns ((gg * T + t) * S + s) * coutg + o; its coefficient is coef[p * S + s].
+inline int64_t term_column(const RecombineDims& d, int64_t gg, int64_t o, int64_t coutg, int64_t i) {
+  return (gg * d.T * d.S + i) * coutg + o;
+}
 
 // Whether the float64 recombination sum of ``terms`` (1 or 2) converted values v (v = (code - z) *
 // d, code - z an integer of magnitude <= 2^bits = top + 1) with coefficients k0, k1 equals a float32
@@ -1445,12 +1445,11 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
           // one plane, one or two terms summed in float32 where that is the float64 sum
           // (float_sum_exact), and the epilogue, straight into the output channel
           const int64_t terms = d.T * d.S, c = gg * coutg + o;
-          const int64_t col0 = (gg * d.T * d.S) * coutg + o, col1 = col0 + coutg;   // terms t*S + s = 0, 1
-          const float k0 = coef[0], k1 = terms == 2 ? coef[d.S == 2 ? 1 : 0] : 0.0f;
+          const int64_t col0 = term_column(d, gg, o, coutg, 0), col1 = term_column(d, gg, o, coutg, 1);
+          const float k0 = coef[0], k1 = terms == 2 ? coef[1 % d.S] : 0.0f;
           if (!padded && d.P == 1 &&
               float_sum_exact(terms, k0, k1, conv.step(col0), terms == 2 ? conv.step(col1) : 0.0f, conv.top_code())) {
             const float* ad = ep.addend(b, c, cout, g.N);
-            const float sc_c = ep.scale(c), bi_c = ep.bias(c), a0 = ep.add[0];
             for (int64_t n0 = 0; n0 < dom; n0 += kPixBlock) {
               const int64_t len = std::min(kPixBlock, dom - n0);
               float v0[kPixBlock], v1[kPixBlock];
@@ -1461,10 +1460,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
               } else {
                 for (int64_t i = 0; i < len; ++i) v0[i] = (v0[i] * k0) + 0.0f;
               }
-              if (ad != nullptr)
-                for (int64_t i = 0; i < len; ++i) yo[n0 + i] = ((ad[n0 + i] + v0[i]) * sc_c) + bi_c;
-              else
-                for (int64_t i = 0; i < len; ++i) yo[n0 + i] = ((a0 + v0[i]) * sc_c) + bi_c;
+              ep.apply(yo + n0, v0, ad == nullptr ? nullptr : ad + n0, c, len);
             }
             continue;
           }
@@ -1532,11 +1528,10 @@ struct IdealFromProducts {
     thread_local std::vector<float> dd, zz, kk;
     thread_local std::vector<int32_t> cr;
     col.resize(terms); dd.resize(terms); zz.resize(terms); kk.resize(terms); cr.resize(terms);
-    for (int64_t t = 0; t < d.T; ++t)
-      for (int64_t s = 0; s < d.S; ++s) {
-        const int64_t i = t * d.S + s, cc = ((gg * d.T + t) * d.S + s) * coutg + o;
-        col[i] = cc; dd[i] = sc.at(cc); zz[i] = zp.at(cc); kk[i] = coef[s]; cr[i] = pv.corr[cc];
-      }
+    for (int64_t i = 0; i < terms; ++i) {
+      const int64_t cc = term_column(d, gg, o, coutg, i);
+      col[i] = cc; dd[i] = sc.at(cc); zz[i] = zp.at(cc); kk[i] = coef[i % d.S]; cr[i] = pv.corr[cc];
+    }
     // plain pointers: thread_local objects of a shared library are reached through a call
     const int64_t* COL = col.data();
     const float *D = dd.data(), *Z = zz.data(), *K = kk.data();
