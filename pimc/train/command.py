@@ -75,11 +75,16 @@ def check_disjoint(train_u8: np.ndarray, test_u8: np.ndarray, data: str) -> None
                         f"calibration must not see evaluation images")
 
 
-def top1(model, x, y, chip=None, batch: int = 500) -> float:
+def predictions(model, x, chip=None, batch: int = 500) -> np.ndarray:
+    """Top-1 class of each image of ``x`` under onnxruntime (on ``chip`` where given)."""
     from pimc.runtime.session import open_session, run_batches
     sess = open_session(model, chip, chip_seed=None if chip is None else chip.chip_seed)
     out = np.concatenate([o[0] for _, _, o in run_batches(sess, None, {sess.get_inputs()[0].name: x}, batch)])
-    return float((out.argmax(1) == y).mean())
+    return out.argmax(1)
+
+
+def top1(model, x, y, chip=None, batch: int = 500) -> float:
+    return float((predictions(model, x, chip, batch) == y).mean())
 
 
 def chips_top1(model, x, y, chip, n: int, xcal: np.ndarray, bncal: bool = True) -> dict:
