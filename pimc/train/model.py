@@ -30,6 +30,7 @@ from pimc.core.errors import PimcError
 from pimc.core.frozen import FrozenLayer, FrozenPlan
 from pimc.core.mapping import read_mapping
 from pimc.runtime.session import disabled_optimizers
+from .memory import keep_freed_memory
 from .layer import BnGate, PimLayer
 from .pooling import OrtPooling
 
@@ -117,6 +118,7 @@ def prepare(module: nn.Module, compiled, *, train_adc_bits: int | None = None, r
     ``train_adc_bits``: train with ADCs of that many bits over the same ranges (adjusted
     precision); ``rescale``: PIM-QAT's rescaling of the converted partial sums.
     Any mismatch between the module and the mapping is a one-line PimcError."""
+    keep_freed_memory()   # the step's large temporaries without fresh pages (pimc.train.memory)
     proto = load_compiled(compiled)
     mapping = read_mapping(proto, source)
     meta = {p.key: p.value for p in proto.metadata_props}
