@@ -180,6 +180,28 @@ def test_ste_shares_sum_to_identity():
     assert torch.allclose(x.grad, torch.ones_like(x))
 
 
+@settings(max_examples=25, deadline=None)
+@given(planes=st.sampled_from([1, 2, 4]), groups=st.sampled_from([1, 2]), tiles=st.integers(1, 3),
+       slices=st.integers(1, 3), cout=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+def test_recombine_gradient_equals_autograds_through_the_formula(planes, groups, tiles, slices, cout, seed):
+    """Recombine's float32 backward gives the gradient autograd derives through formulas.recombine's
+    float64 contraction, bit for bit (coefficients of any float32 value, not only powers of two)."""
+    from pimc.core import formulas as F
+    from pimc.train.autograd import Recombine
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(planes * 3, groups * tiles * slices * cout, 2, 3, generator=g)
+    coef = torch.randn(planes, slices, generator=g)
+    coef[0, 0] = 1.0
+    up = torch.randn(3, groups * cout, 2, 3, generator=g)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    y1 = Recombine.apply(a1, coef, planes, groups, tiles, slices)
+    y2 = F.recombine(a2, coef, planes=planes, groups=groups, tiles=tiles, slices=slices)
+    assert torch.equal(y1, y2)
+    (y1 * up).sum().backward()
+    (y2 * up).sum().backward()
+    assert torch.equal(a1.grad, a2.grad)
+
+
 def test_lsq_input_gradient():
     from pimc.train.autograd import QuantizeInput
     x = torch.tensor([0.3, 1.26, 9.0, -1.0], requires_grad=True)

@@ -171,12 +171,19 @@ def recombine(a, coef, *, planes: int, groups: int, tiles: int, slices: int):
     a = xp.astype(a, xp.float32)
     rows, cols, rest = a.shape[0], a.shape[1], tuple(a.shape[2:])
     cout_g = cols // (groups * tiles * slices)
-    r = xp.reshape(xp.astype(a, xp.float64), (planes, rows // planes, groups, tiles * slices, -1))
-    c = xp.reshape(xp.astype(_f32(xp, coef, a), xp.float64), (planes, 1, slices))
-    c = xp.reshape(xp.broadcast_to(c, (planes, tiles, slices)), (planes, tiles * slices))
-    # one contraction (no broadcast product in memory); + 0.0: a zero sum is +0.0 whatever the
-    # engine's order (numpy's and torch's einsum sign an all -0.0 sum differently)
-    acc = xp.einsum("pbgkz,pk->bgz", r, c) + 0.0
+    r = xp.reshape(a, (planes, rows // planes, groups, tiles * slices, -1))
+    c = np.broadcast_to(np.asarray(_f32(xp, coef, a)).reshape(planes, 1, slices), (planes, tiles, slices))
+    c = c.reshape(planes, tiles * slices).astype(np.float64).tolist()
+    # term by term in the native kernels' order (planes, then tiles, then slices), each term's
+    # float64 product added to the output-sized accumulator: one read of the float32 values (a
+    # contraction engine copied them to float64 and transposed them first, 10x the time); + 0.0:
+    # a zero sum is +0.0 whatever the signs of its zero terms
+    acc = None
+    for p in range(planes):
+        for k in range(tiles * slices):
+            t = xp.astype(r[p, :, :, k, :], xp.float64) * c[p][k]
+            acc = t if acc is None else acc + t
+    acc = acc + 0.0
     return xp.astype(xp.reshape(acc, (rows // planes, groups * cout_g, *rest)), xp.float32)
 
 

@@ -130,3 +130,27 @@ class Adc(torch.autograd.Function):
         gd = grad * dstep
         dims = [d for d in range(grad.dim()) if d != 1]
         return gs, gd.sum(dim=dims, keepdim=True), None, None, None
+
+
+class Recombine(torch.autograd.Function):
+    """formulas.recombine (float64 sum of the columns' converted values times their plane and
+    slice coefficients) with its gradient computed in float32: d a[p, b, g, k, z] =
+    grad[b, g, z] * coef[p, k].  The same values autograd gets through the float64 contraction
+    (each is one product of two float32 numbers, exact in float64 and rounded once to float32 by
+    either route), without its float64 copies of the partial-sum-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, a, coef, planes: int, groups: int, tiles: int, slices: int):
+        ctx.dims = (a.shape, planes, groups, tiles, slices)
+        ctx.save_for_backward(coef)
+        return F.recombine(a, coef, planes=planes, groups=groups, tiles=tiles, slices=slices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coef,) = ctx.saved_tensors
+        shape, planes, groups, tiles, slices = ctx.dims
+        c = coef.to(torch.float32).reshape(planes, 1, slices).expand(planes, tiles, slices)
+        g = grad.to(torch.float32).reshape(1, shape[0] // planes, groups, 1, -1)
+        ga = g * c.reshape(planes, 1, 1, tiles * slices, 1)
+        return ga.reshape(shape), None, None, None, None, None
+

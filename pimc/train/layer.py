@@ -24,7 +24,7 @@ import torch.nn.functional as TF
 from pimc.core import formulas as F
 from pimc.core.chip import ChipConfig, draw_layer, transfer_lut
 from pimc.core.planning import adc_params, bn_affine, chunk_cells, frozen_range, output_affine, plan_from_mapping
-from .autograd import Adc, BitPlanes, QuantizeInput, QuantizeWeight, WeightSlices, grad_scale
+from .autograd import Adc, BitPlanes, QuantizeInput, QuantizeWeight, Recombine, WeightSlices, grad_scale
 
 
 class BnGate(nn.Module):
@@ -265,8 +265,8 @@ class PimLayer(nn.Module):
                 if self.rescale and self.training:
                     stats.append(_moments(s.detach(), a.detach()))
             if c.recombine:
-                a = F.recombine(a, c.coef, planes=self.planes, groups=self.group, tiles=self.tiles_per_chunk[ci],
-                                slices=self.slices_per_chunk[ci])
+                a = Recombine.apply(a, c.coef, self.planes, self.group, self.tiles_per_chunk[ci],
+                                    self.slices_per_chunk[ci])
             parts.append(a)
         acc = parts[0]
         for p in parts[1:]:
