@@ -485,3 +485,16 @@ def test_sub_batches_give_the_batch_values(scheme, monkeypatch):
         assert whole[0] == parts[0] and torch.equal(whole[2], parts[2])
         for a, b in zip(whole[1], parts[1]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_freed_memory_is_set_once_and_can_be_declined():
+    import os
+    import platform
+    import subprocess
+    import sys
+    code = "from pimc.train.memory import keep_freed_memory as k; print(k(), k())"
+    want = "True True" if platform.libc_ver()[0] == "glibc" else None   # other C libraries: left as they are
+    for env, expect in (({}, want), ({"PIMC_KEEP_FREED_MEMORY": "0"}, "False False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.strip()
+        assert expect is None or out == expect, (env, out)
