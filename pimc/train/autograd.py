@@ -153,4 +153,3 @@ class Recombine(torch.autograd.Function):
         g = grad.to(torch.float32).reshape(1, shape[0] // planes, groups, 1, -1)
         ga = g * c.reshape(planes, 1, 1, tiles * slices, 1)
         return ga.reshape(shape), None, None, None, None, None
-
