@@ -43,9 +43,8 @@ from pimc.core.chip import build_chip_config  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 OUT = HERE.parent / "docs" / "results"
-# act_calib/adc_calib: pimc's default, mse (docs/results/calibration-methods.md); --calib replaces both.
-POINT = dict(weight_bits=4, input_bits=4, array_rows=144, tile_mode="channel", adc_range="calibrated",
-             act_calib="mse", adc_calib="mse")
+# act_calib/adc_calib come from --calib (default mse, pimc's default: docs/results/calibration-methods.md)
+POINT = dict(weight_bits=4, input_bits=4, array_rows=144, tile_mode="channel", adc_range="calibrated")
 SCHEMES = ("native", "differential", "bit-serial")
 
 # name -> (scheme, ADC bits, training: None | dict(rescale, train_adc_bits, variability), chips)
@@ -86,8 +85,7 @@ def run_row(name: str, d, args) -> dict:
     scheme, adc_bits, training, chips = ROWS[name]
     calib, xtr, ytr, xte, yte = d
     net = load_resnet20(str(SHARED / "models" / "resnet20_cifar10.th"))
-    opts = dict(POINT, scheme=scheme, fold_bn="output")
-    opts.update(act_calib=args.calib, adc_calib=args.calib)
+    opts = dict(POINT, scheme=scheme, fold_bn="output", act_calib=args.calib, adc_calib=args.calib)
     if adc_bits is not None:
         opts["adc_bits"] = adc_bits
     if scheme in ("float", "digital"):
@@ -114,9 +112,9 @@ def run_row(name: str, d, args) -> dict:
             state.unlink(missing_ok=True)   # --redo trains afresh (a finished run's state would only be reloaded)
         # a state left by an earlier run of the same configuration (an interrupted row, or the same row in
         # another --json) is resumed: its steps are not in this row's seconds, so the row says so
-        start = int(torch.load(state, map_location="cpu", weights_only=True)["step"]) if state.is_file() else 0
         hist = fit(qm, xtr, ytr, tcfg, state_path=state, resume=True, chip=chip if variability else None,
                    run_config=run_cfg, log=lambda m: print(m, file=sys.stderr))
+        start = hist["resumed_from_step"]
         qm.set_chip(None)
         with tempfile.TemporaryDirectory() as tmp:
             out = T.export(qm, Path(tmp) / "trained.pim.onnx")

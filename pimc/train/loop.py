@@ -71,7 +71,8 @@ def fit(qm: QatModel, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, state_p
     """Train ``qm`` on preprocessed images ``x`` (N, C, H, W) and labels ``y``.  ``chip``: the
     chip kind to train on (resampled every ``cfg.resample_every`` steps when > 0).
     ``state_path``: checkpoint file (resumed from with ``resume``; ``run_config`` must then
-    equal the one it was written with).  Returns the history (loss per logged step)."""
+    equal the one it was written with).  Returns the history (loss per logged step) and the step a
+    resumed run continued from (``resumed_from_step``, 0 for a fresh run)."""
     from tqdm import tqdm
     steps_per_epoch = max(1, len(x) // cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -108,6 +109,7 @@ def fit(qm: QatModel, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, state_p
                            "step": step, "history": json.dumps(history), "config": json.dumps(full_config),
                            "chip_seed": None if qm.chip is None else qm.chip.chip_seed}, state_path)
 
+    start = step   # 0, or the step a resumed run continues from
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, np.int64))
     qm.train()
     bar = tqdm(total=total, initial=step, desc="pimc train", unit="step", disable=not progress, leave=False)
@@ -139,7 +141,7 @@ def fit(qm: QatModel, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, state_p
     finally:
         bar.close()
     qm.eval()
-    return {"steps": total, "steps_per_epoch": steps_per_epoch, "loss": history}
+    return {"steps": total, "steps_per_epoch": steps_per_epoch, "loss": history, "resumed_from_step": start}
 
 
 @torch.no_grad()
