@@ -473,8 +473,10 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
 @click.option("--subset", type=int, help="Train on a seeded random subset of this many training images.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=0.005, show_default=True, help="SGD learning rate of weights, BN and biases (cosine decay).")
-@click.option("--scale-lr", type=float, default=0.001, show_default=True, help="Learning rate of the learned scales "
-              "(input, weight columns, ADC steps; LSQ).")
+@click.option("--scale-lr", type=float, default=0.001, show_default=True, help="Learning rate of the learned input and "
+              "weight-column scales (LSQ).")
+@click.option("--adc-lr", type=float, default=3.0, show_default=True, help="Learning rate of the learned ADC steps, "
+              "relative to their compiled values (SGD on step/step0; LSQ gradient). 0 keeps the compiled ADC ranges.")
 @click.option("--rescale/--no-rescale", default=True, show_default=True, help="PIM-QAT's rescaling of the converted "
               "partial sums (rho = std(s)/std(ADC(s)); its running mean is folded into the output scale at export).")
 @click.option("--train-adc-bits", type=int, help="Adjusted precision: train with ADCs of this many bits over the same "
@@ -497,7 +499,7 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
 @click.option("--std", help="... over this per-channel std (comma list).  [default: 1]")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="[default: NCHW]")
 @compile_options
-def train_cmd(module, checkpoint, data, test_data, output, json_path, epochs, subset, batch_size, lr, scale_lr, rescale,
+def train_cmd(module, checkpoint, data, test_data, output, json_path, epochs, subset, batch_size, lr, scale_lr, adc_lr, rescale,
               train_adc_bits, variability, resample_every, chips, calib_images, eval_images, state_path, resume,
               train_seed, threads, no_augment, scale, mean, std, layout, hw, preset, **opts):
     """PIM-QAT: retrain the torch module on the compiled mapping (same math as the IR, bit for bit) and export the
@@ -516,7 +518,7 @@ def train_cmd(module, checkpoint, data, test_data, output, json_path, epochs, su
     for name, v in (("--epochs", epochs), ("--lr", lr)):
         if v <= 0:
             raise PimcError(f"{name}: {v} is out of range; give a positive number")
-    for name, v, lo in (("--batch-size", batch_size, 1), ("--scale-lr", scale_lr, 0), ("--calib-images", calib_images, 1),
+    for name, v, lo in (("--batch-size", batch_size, 1), ("--scale-lr", scale_lr, 0), ("--adc-lr", adc_lr, 0), ("--calib-images", calib_images, 1),
                         ("--resample-every", resample_every, 1), ("--chips", chips, 0)):
         if v < lo:
             raise PimcError(f"{name}: {v} is out of range; give a value >= {lo}")
@@ -540,7 +542,7 @@ def train_cmd(module, checkpoint, data, test_data, output, json_path, epochs, su
     if threads:
         torch.set_num_threads(threads)
     prep = _prep(None, scale, mean, std, layout)
-    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, scale_lr=scale_lr, augment=not no_augment,
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, scale_lr=scale_lr, adc_lr=adc_lr, augment=not no_augment,
                        seed=train_seed, resample_every=resample_every if chip is not None else 0)
     log = lambda m: click.echo(m, err=True)
     rep = run_train(module=module, checkpoint=checkpoint, data=data, test_data=test_data, output=output, json_path=json_path, config=cfg,

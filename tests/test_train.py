@@ -137,6 +137,34 @@ def test_train_then_export_recompiles_to_the_same_outputs(tmp_path):
         assert ra["tiling"] == rb["tiling"] and ra["chunks"] == rb["chunks"]
 
 
+def test_adc_steps_learn_relative_to_their_compiled_values(tmp_path):
+    """fit moves the ADC steps as SGD on step/step0 (gradient times step0^2): with adc_lr 0 they
+    stay the compiled ones bit for bit; with adc_lr > 0 they move, and the deployed IR still
+    computes the trained model."""
+    from pimc.train.loop import TrainConfig, _relative_adc_gradients, fit
+    net = make_net()
+    res = compiled(net, scheme="differential", weight_bits=4, input_bits=4, array_rows=40, adc_bits=3,
+                   adc_range="calibrated")
+    x, y = data(64, seed=3), (np.arange(64) % 5).astype(np.int64)
+    qm = T.prepare(net, res, rescale=True).train()
+    TF.cross_entropy(qm(torch.from_numpy(x[:16])), torch.from_numpy(y[:16])).backward()
+    raw = {k: L.adc_step.grad.clone() for k, L in qm.layers.items()}
+    _relative_adc_gradients(qm)
+    for k, L in qm.layers.items():
+        assert torch.equal(L.adc_step.grad, raw[k] * (L.adc_step_start * L.adc_step_start))
+    steps = {}
+    for adc_lr in (0.0, 50.0):
+        qm = T.prepare(make_net(), res, rescale=True)
+        fit(qm, x, y, TrainConfig(epochs=2, batch_size=16, lr=0.01, adc_lr=adc_lr, augment=False), progress=False)
+        steps[adc_lr] = {k: L.adc_step.detach().clone() for k, L in qm.layers.items()}
+        start = {k: L.adc_step_start for k, L in qm.layers.items()}
+    assert all(torch.equal(steps[0.0][k], start[k]) for k in start)
+    assert any(not torch.equal(steps[50.0][k], start[k]) for k in start)
+    xt = data(24, seed=9)
+    got = torch_eval(qm, xt)
+    assert np.array_equal(got, ort(T.export(qm, tmp_path / "t.pim.onnx").model, xt))
+
+
 def test_chip_sampled_in_training_is_the_instantiated_chip():
     net = make_net()
     res = compiled(net, scheme="differential", weight_bits=4, input_bits=4, array_rows=18, adc_bits=5)

@@ -102,6 +102,9 @@ class PimLayer(nn.Module):
                 lo, hi = frozen_range(step, zp, self.deploy_adc_bits)
                 step, zp = adc_params(lo.astype(np.float64), hi.astype(np.float64), self.adc_bits)
             self.adc_step = nn.Parameter(torch.as_tensor(step).clone())
+            # the starting steps: the optimizer moves adc_step relative to them (TrainConfig.adc_lr); not in
+            # the state dict (preparation from the same mapping sets them again, so a resumed run uses the same)
+            self.register_buffer("adc_step_start", torch.as_tensor(step).clone(), persistent=False)
             self.register_buffer("adc_zero_point", torch.as_tensor(zp).clone())
 
     # ---- values -------------------------------------------------------------------

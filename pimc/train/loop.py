@@ -24,7 +24,8 @@ class TrainConfig:
     epochs: float = 1.0            # passes over the (subset of the) training images; fractions allowed
     batch_size: int = 128
     lr: float = 0.01               # weights, BatchNorm and biases
-    scale_lr: float = 0.001        # learned scales: s_x, s_w, ADC steps
+    scale_lr: float = 0.001        # learned scales s_x, s_w
+    adc_lr: float = 3.0            # ADC steps, relative to their starting value (see _relative_adc_gradients)
     momentum: float = 0.9
     weight_decay: float = 5e-5     # weights only
     augment: bool = True           # random horizontal flips and 4-pixel padded crops (images >= 16 px)
@@ -37,9 +38,11 @@ class TrainConfig:
 
 
 def _param_groups(qm: QatModel, cfg: TrainConfig) -> list[dict]:
-    scales, weights, other = [], [], []
+    scales, weights, other, adc = [], [], [], []
     for name, p in qm.named_parameters():
-        if name.endswith(("input_scale", "weight_scale", "adc_step")):
+        if name.endswith("adc_step"):
+            adc.append(p)
+        elif name.endswith(("input_scale", "weight_scale")):
             scales.append(p)
         elif name.endswith("inner.weight"):
             weights.append(p)
@@ -47,7 +50,21 @@ def _param_groups(qm: QatModel, cfg: TrainConfig) -> list[dict]:
             other.append(p)
     return [dict(params=weights, lr=cfg.lr, weight_decay=cfg.weight_decay),
             dict(params=other, lr=cfg.lr, weight_decay=0.0),
-            dict(params=scales, lr=cfg.scale_lr, weight_decay=0.0)]
+            dict(params=scales, lr=cfg.scale_lr, weight_decay=0.0),
+            dict(params=adc, lr=cfg.adc_lr, weight_decay=0.0)]
+
+
+def _relative_adc_gradients(qm: QatModel) -> None:
+    """Turn each ADC step's gradient into that of the step relative to its starting value,
+    u = Delta / Delta_0 (times Delta_0, as an SGD step on u is one of Delta_0 * du on Delta):
+    SGD with momentum on u, i.e. on Delta with the gradient times Delta_0^2.  Delta is in
+    partial-sum units (tens of LSBs) and its LSQ gradient reaches it through the layer's output
+    scale (s_x s_w, ~1e-2): at the learning rate of s_x and s_w a step moved Delta by ~1e-11 of
+    itself, below float32's resolution, so the ADC ranges never left their calibration."""
+    for layer in qm.layers.values():
+        p = getattr(layer, "adc_step", None)
+        if p is not None and p.grad is not None:
+            p.grad.mul_(layer.adc_step_start * layer.adc_step_start)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -127,9 +144,10 @@ def fit(qm: QatModel, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, state_p
                 xb = _augment(xb, gen)
             loss = TF.cross_entropy(qm(xb), yt[idx])
             if not torch.isfinite(loss):
-                raise PimcError(f"training diverged at step {step} (loss {float(loss)}); lower --lr or --scale-lr")
+                raise PimcError(f"training diverged at step {step} (loss {float(loss)}); lower --lr, --scale-lr or --adc-lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            _relative_adc_gradients(qm)
             opt.step()
             sched.step()
             step += 1
