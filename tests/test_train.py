@@ -141,7 +141,7 @@ def test_adc_steps_learn_relative_to_their_compiled_values(tmp_path):
     """fit moves the ADC steps as SGD on step/step0 (gradient times step0^2): with adc_lr 0 they
     stay the compiled ones bit for bit; with adc_lr > 0 they move, and the deployed IR still
     computes the trained model."""
-    from pimc.train.loop import TrainConfig, _relative_adc_gradients, fit
+    from pimc.train.loop import TrainConfig, relative_adc_gradients, fit
     net = make_net()
     res = compiled(net, scheme="differential", weight_bits=4, input_bits=4, array_rows=40, adc_bits=3,
                    adc_range="calibrated")
@@ -149,7 +149,7 @@ def test_adc_steps_learn_relative_to_their_compiled_values(tmp_path):
     qm = T.prepare(net, res, rescale=True).train()
     TF.cross_entropy(qm(torch.from_numpy(x[:16])), torch.from_numpy(y[:16])).backward()
     raw = {k: L.adc_step.grad.clone() for k, L in qm.layers.items()}
-    _relative_adc_gradients(qm)
+    relative_adc_gradients(qm)
     for k, L in qm.layers.items():
         assert torch.equal(L.adc_step.grad, raw[k] * (L.adc_step_start * L.adc_step_start))
     steps = {}

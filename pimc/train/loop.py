@@ -25,7 +25,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.01               # weights, BatchNorm and biases
     scale_lr: float = 0.001        # learned scales s_x, s_w
-    adc_lr: float = 3.0            # ADC steps, relative to their starting value (see _relative_adc_gradients)
+    adc_lr: float = 0.0            # ADC steps, relative to their starting value (relative_adc_gradients); 0: fixed
     momentum: float = 0.9
     weight_decay: float = 5e-5     # weights only
     augment: bool = True           # random horizontal flips and 4-pixel padded crops (images >= 16 px)
@@ -54,7 +54,7 @@ def _param_groups(qm: QatModel, cfg: TrainConfig) -> list[dict]:
             dict(params=adc, lr=cfg.adc_lr, weight_decay=0.0)]
 
 
-def _relative_adc_gradients(qm: QatModel) -> None:
+def relative_adc_gradients(qm: QatModel) -> None:
     """Turn each ADC step's gradient into that of the step relative to its starting value,
     u = Delta / Delta_0 (times Delta_0, as an SGD step on u is one of Delta_0 * du on Delta):
     SGD with momentum on u, i.e. on Delta with the gradient times Delta_0^2.  Delta is in
@@ -147,7 +147,7 @@ def fit(qm: QatModel, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, state_p
                 raise PimcError(f"training diverged at step {step} (loss {float(loss)}); lower --lr, --scale-lr or --adc-lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            _relative_adc_gradients(qm)
+            relative_adc_gradients(qm)
             opt.step()
             sched.step()
             step += 1
