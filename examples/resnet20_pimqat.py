@@ -15,7 +15,8 @@ evaluated as the deployed IR in onnxruntime.
 Evidence point: W4A4, 144-row channel-aligned arrays, 4-bit ADC, calibrated ADC range (mse
 calibration of activations and ADC columns, pimc's default).  ``--calib max`` starts from max
 calibration (docs/results/resnet20-pimqat-max.md, the table's first version, evaluated on the
-first 2,000 test images); other starting points need their own ``--json``.
+first 2,000 test images); other starting points need their own ``--json``.  ``--adc-lr V``
+learns the ADC steps too (pimc train --adc-lr) and writes resnet20-pimqat-adclrV.{json,md}.
 """
 from __future__ import annotations
 
