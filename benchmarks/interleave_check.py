@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +30,10 @@ def main():
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    import onnxruntime as ort
     import torch
 
     import peer_bench as PB
-    import pimc
-    from pimc.runtime import open_session
-    from resnet20_cifar import export_onnx, load_resnet20, preprocess
+    from resnet20_cifar import load_resnet20, preprocess
 
     ckpt = a.shared / "data/models/resnet20_cifar10.th"
     if not ckpt.is_file():
@@ -47,15 +43,7 @@ def main():
     x = preprocess(te["x"][:a.images])
     xtrain, ytrain = preprocess(tr["x"][:512]), tr["y"][:512].astype(np.int64)
     net = load_resnet20(str(ckpt)).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "r20.onnx")
-        export_onnx(net, path)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = a.threads
-        fs = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        np.save(Path(tmp) / "calib.npy", xtrain)
-        pim = open_session(pimc.compile_model(path, calib_data=str(Path(tmp) / "calib.npy"), **PB.W1).model,
-                           threads=a.threads)
+    fs, pim, _ = PB.w1_sessions(net, xtrain, a.threads)
     between = {"none": None}
     if importlib.util.find_spec("aihwkit_lightning") is not None:
         model, _ = PB.aihwkit_model(net, xtrain, ytrain, [3.0], [6.0], a.threads)

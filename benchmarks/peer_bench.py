@@ -79,6 +79,29 @@ def aihwkit_model(net, xtrain, ytrain, bounds, alphas, threads):
     return best[2], best[1]
 
 
+def w1_sessions(net, xtrain, threads):
+    """The float model (exported from ``net``) in a default onnxruntime session and pimc W1 compiled
+    from it (calibrated on ``xtrain``) in ``open_session``, both with ``threads`` threads; and the
+    compile's seconds."""
+    import onnxruntime as ort
+
+    import pimc
+    from pimc.runtime import open_session
+    from resnet20_cifar import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "r20.onnx")
+        export_onnx(net, path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        float_sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        np.save(Path(tmp) / "calib.npy", xtrain)
+        t0 = time.perf_counter()
+        res = pimc.compile_model(path, calib_data=str(Path(tmp) / "calib.npy"), **W1)
+        seconds = time.perf_counter() - t0
+        return float_sess, open_session(res.model, threads=threads), seconds
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -90,12 +113,9 @@ def main():
                     "(its default 3 clips: 42 %% on training images without an ADC, 97.6 %% at 6)")
     a = ap.parse_args()
 
-    import onnxruntime as ort
     import torch
 
-    import pimc
-    from pimc.runtime import open_session
-    from resnet20_cifar import export_onnx, load_resnet20, preprocess
+    from resnet20_cifar import load_resnet20, preprocess
 
     ckpt = a.shared / "data/models/resnet20_cifar10.th"
     if not ckpt.is_file():
@@ -108,19 +128,10 @@ def main():
     net = load_resnet20(str(ckpt)).eval()
 
     runners, skipped = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "r20.onnx")
-        export_onnx(net, path)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = a.threads
-        float_sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        runners["float model, default onnxruntime"] = lambda xb: float_sess.run(None, {"input": xb})[0]
-        np.save(Path(tmp) / "calib.npy", xtrain)
-        t0 = time.perf_counter()
-        res = pimc.compile_model(path, calib_data=str(Path(tmp) / "calib.npy"), **W1)
-        print(f"pimc compile (W1, calibrated on 512 training images): {time.perf_counter() - t0:.1f} s", flush=True)
-        pim = open_session(res.model, threads=a.threads)
-        runners["pimc W1 (native fused kernels)"] = lambda xb: pim.run(None, {"input": xb})[0]
+    float_sess, pim, seconds = w1_sessions(net, xtrain, a.threads)
+    print(f"pimc compile (W1, calibrated on 512 training images): {seconds:.1f} s", flush=True)
+    runners["float model, default onnxruntime"] = lambda xb: float_sess.run(None, {"input": xb})[0]
+    runners["pimc W1 (native fused kernels)"] = lambda xb: pim.run(None, {"input": xb})[0]
 
     if importlib.util.find_spec("aihwkit_lightning") is None:
         skipped["aihwkit-lightning"] = "not installed (pip install aihwkit-lightning==2.1.0)"
