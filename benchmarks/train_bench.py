@@ -8,6 +8,9 @@ backward, SGD step; eager PyTorch) of the float model and of the PIM-QAT model, 
 interleaved step by step in this one run (so that a shared machine's drift falls on both),
 their time ratio, the compiled graph's MAC expansion (``pimc.core.mapping.mac_expansion``)
 and the ratio of the two.  Target (issue 13): time ratio <= 2 x the MAC expansion.
+
+The ADC steps are fixed, as ``pimc train`` keeps them by default (``--adc-lr 0``: no LSQ step
+gradient is computed); ``--adc-lr 3`` (any value > 0) times the step with their gradients.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from resnet20_cifar import load_resnet20, preprocess  # noqa: E402
 
 import pimc.train as T  # noqa: E402
 from pimc.core.mapping import mac_expansion, read_mapping  # noqa: E402
+from pimc.train.loop import fix_adc_steps  # noqa: E402
 
 
 def main():
@@ -34,6 +38,8 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--schemes", default="native,differential,bit-serial")
+    ap.add_argument("--adc-lr", type=float, default=0.0,
+                    help="as pimc train's: 0 (default) keeps the ADC steps fixed, > 0 learns them")
     ap.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -42,7 +48,8 @@ def main():
     calib = preprocess(tr["x"][:512])
     xb = torch.from_numpy(preprocess(tr["x"][:a.batch]))
     yb = torch.from_numpy(tr["y"][:a.batch].astype(np.int64))
-    print(f"training step, batch {a.batch}, {a.threads} threads, eager; median of {a.steps} interleaved steps")
+    print(f"training step, batch {a.batch}, {a.threads} threads, eager; median of {a.steps} interleaved steps; "
+          f"ADC steps {'fixed' if a.adc_lr == 0 else 'learned'} (--adc-lr {a.adc_lr:g})")
     print(f"{'scheme':<14}{'float img/s':>12}{'PIM-QAT img/s':>15}{'time ratio':>12}{'MAC expansion':>15}"
           f"{'ratio/expansion':>17}")
     for scheme in a.schemes.split(","):
@@ -50,6 +57,7 @@ def main():
         res = T.compile_module(net, [3, 32, 32], calib_inputs={"input": calib}, scheme=scheme, weight_bits=4,
                                input_bits=4, adc_bits=4, array_rows=144, adc_range="calibrated")
         qm = T.prepare(net, res, rescale=True).train()
+        fix_adc_steps(qm, a.adc_lr == 0)   # as pimc.train.loop.fit does
         flt = load_resnet20(str(ckpt)).train()
         models = {"float": flt, "pim": qm}
         opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()}

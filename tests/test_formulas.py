@@ -72,6 +72,10 @@ def test_recombination_numpy_equals_torch(planes, groups, tiles, slices, cout_g,
     a = np.round(rng.standard_normal((planes * 2, groups * tiles * slices * cout_g, 3, 2)) * 50).astype(np.float32)
     coef = rng.integers(-8, 9, (planes, slices)).astype(np.float32)
     _both(F.recombine, (a, coef), planes=planes, groups=groups, tiles=tiles, slices=slices)
+    # converted values (code - z) * Delta are not integers, and their magnitudes differ widely
+    v = (a * rng.uniform(0.3, 1e4, (1, a.shape[1], 1, 1))).astype(np.float32)
+    _both(F.recombine, (v, rng.choice([1, -1, 2, 0.5, -8, 16, 3], (planes, slices)).astype(np.float32)), planes=planes,
+          groups=groups, tiles=tiles, slices=slices)
     _both(F.adc_recombine, (a, np.full((1, a.shape[1], 1, 1), 2, np.float32), np.full((1, a.shape[1], 1, 1), 7, np.float32),
                             coef), bits=4, planes=planes, groups=groups, tiles=tiles, slices=slices)
 

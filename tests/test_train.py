@@ -12,6 +12,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
 
 import pimc.train as T  # noqa: E402
+from pimc.core import formulas as F  # noqa: E402
 from pimc.core.chip import ChipConfig  # noqa: E402
 from pimc.core.errors import PimcError  # noqa: E402
 from pimc.core.mapping import read_mapping  # noqa: E402
@@ -239,6 +240,29 @@ def test_lsq_input_gradient():
     assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))
     want = (round(0.6) - 0.6) + (round(2.52) - 2.52) + 7 + 0
     assert abs(float(s.grad) - want) < 1e-5
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 2 ** 31 - 1), st.booleans())
+def test_adc_gradients_are_ste_and_lsq(bits, seed, step_grad):
+    """Adc's backward: the partial sums' gradient passes inside the code range and is 0 outside;
+    the step's (when it takes one) is sum(grad * (round(v) - v)) inside and sum(grad * (clipped - z))
+    outside, per column: the spelling with masks as 0/1 factors gives these values exactly."""
+    from pimc.train.autograd import Adc
+    rng = np.random.default_rng(seed)
+    s = torch.from_numpy(np.round(rng.standard_normal((3, 5, 4, 4)) * 40).astype(np.float32)).requires_grad_()
+    step = torch.from_numpy(rng.uniform(1, 9, (1, 5, 1, 1)).astype(np.float32)).requires_grad_(step_grad)
+    zp = torch.from_numpy(np.round(rng.uniform(0, 2 ** bits - 1, (1, 5, 1, 1))).astype(np.float32))
+    up = torch.from_numpy(rng.standard_normal(s.shape).astype(np.float32))
+    (Adc.apply(s, step, zp, bits, None) * up).sum().backward()
+    _, v, r, code, clipped = F.adc_quantize_parts(s.detach(), step.detach(), zp, bits=bits)
+    inside = code == clipped
+    assert torch.equal(s.grad, torch.where(inside, up, torch.zeros_like(up)))
+    if step_grad:
+        want = (up * torch.where(inside, r - v, clipped - zp)).sum(dim=(0, 2, 3), keepdim=True)
+        assert torch.equal(step.grad, want)
+    else:
+        assert step.grad is None
 
 
 def _err(fn, *parts):

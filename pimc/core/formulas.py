@@ -51,10 +51,16 @@ def input_range(bits: int, signed: int) -> tuple[float, float]:
 
 def quantize_input(x, scale, *, bits: int, signed: int):
     """q = clip(round(x / s), lo, hi): the integer input (as float32) of every array."""
+    return quantize_input_parts(x, scale, bits=bits, signed=signed)[0]
+
+
+def quantize_input_parts(x, scale, *, bits: int, signed: int):
+    """``quantize_input``'s value and the step to it, for gradients: (q, v = x / s)."""
     xp = _xp(x)
     lo, hi = input_range(bits, signed)
     x = xp.astype(x, xp.float32)
-    return xp.clip(xp.round(x / _f32(xp, scale, x)), lo, hi)
+    v = x / _f32(xp, scale, x)
+    return xp.clip(xp.round(v), lo, hi), v
 
 
 def plane_weights(bits: int, signed: int) -> np.ndarray:
@@ -181,10 +187,21 @@ def recombine(a, coef, *, planes: int, groups: int, tiles: int, slices: int):
     acc = None
     for p in range(planes):
         for k in range(tiles * slices):
-            t = xp.astype(r[p, :, :, k, :], xp.float64) * c[p][k]
-            acc = t if acc is None else acc + t
+            acc = _add_term(xp, acc, r[p, :, :, k, :], c[p][k])
     acc = acc + 0.0
     return xp.astype(xp.reshape(acc, (rows // planes, groups * cout_g, *rest)), xp.float32)
+
+
+def _add_term(xp, acc, t, k: float):
+    """acc + float64(t) * k (t float32, k a float32 coefficient as a Python float; acc None: the
+    first term).  float64(t) * k is exact (two 24-bit significands), so torch's in-place add with
+    ``alpha`` (one pass over t, no float64 copy of it; fused multiply-add or not, the product
+    needs no rounding) gives the same values as the separate product and sum."""
+    if acc is None:
+        return xp.astype(t, xp.float64) * k
+    if hasattr(acc, "add_"):   # torch
+        return acc.add_(t, alpha=k)
+    return acc + xp.astype(t, xp.float64) * k
 
 
 # ---------------------------------------------------------------- counter-hash noise

@@ -4,7 +4,10 @@ IR's math bit for bit, and whose backward is the straight-through estimator (STE
 learned-step-size (LSQ, Esser et al. 2020) gradients for the scales.
 
 * every ``round`` passes gradients straight through; values clipped by a quantizer get
-  none (their scale gets the clip bound instead, as in LSQ);
+  none (their scale gets the clip bound instead, as in LSQ).  The pass/block masks are kept
+  as float32 0/1 and applied by multiplication (``grad * inside``; a blocked gradient is
+  then 0 with the sign of grad * 0, which changes no sum that is not zero): torch 2.13's
+  ``where`` on CPU takes 7-10x the time of a multiplication over a partial-sum-sized tensor;
 * a scale's gradient is multiplied by ``1/sqrt(N * Qp)`` (N elements per scale, Qp the
   largest positive level) through :func:`grad_scale`, an identity in the forward;
 * splits whose parts are recombined with known coefficients (weight slices, input bit
@@ -17,6 +20,11 @@ from __future__ import annotations
 import torch
 
 from pimc.core import formulas as F
+
+
+def _inside(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """1.0 where lo <= v <= hi, else 0.0 (float32): the quantizer's pass mask."""
+    return torch.eq(v.clamp(lo, hi), v, out=torch.empty_like(v))
 
 
 class _GradScale(torch.autograd.Function):
@@ -41,16 +49,15 @@ class QuantizeInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, bits: int, signed: int):
-        q = F.quantize_input(x, scale, bits=bits, signed=signed)
+        q, v = F.quantize_input_parts(x, scale, bits=bits, signed=signed)
         lo, hi = F.input_range(bits, signed)
-        v = x / scale
-        ctx.save_for_backward(v, scale, ((v >= lo) & (v <= hi)))
+        ctx.save_for_backward(v, scale, _inside(v, lo, hi))
         return q
 
     @staticmethod
     def backward(ctx, grad):
         v, scale, inside = ctx.saved_tensors
-        g = torch.where(inside, grad, torch.zeros_like(grad))
+        g = grad * inside
         return g / scale, (-(g * v).sum() / scale).reshape(scale.shape), None, None
 
 
@@ -63,13 +70,13 @@ class QuantizeWeight(torch.autograd.Function):
         qmax = 2 ** (bits - 1) - 1
         s = scale.reshape(-1, *([1] * (w.dim() - 1)))
         v = w / s
-        ctx.save_for_backward(v, s, (v >= -qmax) & (v <= qmax))
+        ctx.save_for_backward(v, s, _inside(v, -qmax, qmax))
         return q
 
     @staticmethod
     def backward(ctx, grad):
         v, s, inside = ctx.saved_tensors
-        g = torch.where(inside, grad, torch.zeros_like(grad))
+        g = grad * inside
         gs = -(g * v).sum(dim=tuple(range(1, g.dim()))) / s.reshape(-1)
         return g / s, gs, None
 
@@ -118,16 +125,24 @@ class Adc(torch.autograd.Function):
             gain, offset, lut, sigma, seed = chip
             y = F.adc_quantize_nonideal(s, scale, zero_point, gain, offset, lut, bits=bits, noise_sigma=sigma,
                                         seed=seed)
-        inside = code == clipped
-        # d y / d Delta (the ideal ADC's): round(v) - v inside the code range, the clipped level outside (LSQ)
-        ctx.save_for_backward(inside, torch.where(inside, r - v, clipped - zero_point))
+        inside = torch.eq(code, clipped, out=torch.empty_like(code))   # 1.0 / 0.0
+        if not ctx.needs_input_grad[1]:   # the steps are fixed (TrainConfig.adc_lr 0): no LSQ gradient
+            ctx.save_for_backward(inside)
+            return y
+        # d y / d Delta (the ideal ADC's): round(v) - v inside the code range, the clipped level - z
+        # outside (LSQ).  Inside, clipped - z = (round(v) + z) - z is round(v) exactly (small
+        # integers), so (clipped - z) - v * inside is both, with the same operations inside
+        # (round(v) - v) and an exact x - 0 outside
+        ctx.save_for_backward(inside, (clipped - zero_point) - v * inside)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        inside, dstep = ctx.saved_tensors
-        gs = torch.where(inside, grad, torch.zeros_like(grad))
-        gd = grad * dstep
+        inside = ctx.saved_tensors[0]
+        gs = grad * inside
+        if len(ctx.saved_tensors) == 1:
+            return gs, None, None, None, None
+        gd = grad * ctx.saved_tensors[1]
         dims = [d for d in range(grad.dim()) if d != 1]
         return gs, gd.sum(dim=dims, keepdim=True), None, None, None
 

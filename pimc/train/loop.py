@@ -54,6 +54,16 @@ def _param_groups(qm: QatModel, cfg: TrainConfig) -> list[dict]:
             dict(params=adc, lr=cfg.adc_lr, weight_decay=0.0)]
 
 
+def fix_adc_steps(qm: QatModel, fixed: bool) -> None:
+    """Whether the ADC steps take gradients: not when they are fixed (``TrainConfig.adc_lr`` 0,
+    the default), which spares the LSQ step gradient's passes over every partial sum (an SGD
+    group with learning rate 0 left them where they were just the same)."""
+    for layer in qm.layers.values():
+        p = getattr(layer, "adc_step", None)
+        if p is not None:
+            p.requires_grad_(not fixed)
+
+
 def relative_adc_gradients(qm: QatModel) -> None:
     """Turn each ADC step's gradient into that of the step relative to its starting value,
     u = Delta / Delta_0 (times Delta_0, as an SGD step on u is one of Delta_0 * du on Delta):
@@ -131,6 +141,7 @@ def fit(qm: QatModel, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, state_p
     qm.train()
     bar = tqdm(total=total, initial=step, desc="pimc train", unit="step", disable=not progress, leave=False)
     order = None
+    fix_adc_steps(qm, cfg.adc_lr == 0)
     try:
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
@@ -158,6 +169,7 @@ def fit(qm: QatModel, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, state_p
                 save()
     finally:
         bar.close()
+        fix_adc_steps(qm, False)
     qm.eval()
     return {"steps": total, "steps_per_epoch": steps_per_epoch, "loss": history, "resumed_from_step": start}
 
