@@ -476,8 +476,8 @@ def calibrate_bn_cmd(model, data, scale, mean, std, layout, batch_size, split, i
 @click.option("--scale-lr", type=float, default=0.001, show_default=True, help="Learning rate of the learned input and "
               "weight-column scales (LSQ).")
 @click.option("--adc-lr", type=float, default=0.0, show_default=True, help="Learning rate of the ADC steps, relative to "
-              "their compiled values (SGD on step/step0; LSQ gradient). 0 keeps the compiled ADC ranges; on ResNet-20 "
-              "3 helped differential and hurt native (README).")
+              "their compiled values (SGD on step/step0; LSQ gradient). 0 keeps the compiled ADC ranges (and skips "
+              "the step gradients: a faster step); on ResNet-20 3 helped differential and hurt native (README).")
 @click.option("--rescale/--no-rescale", default=True, show_default=True, help="PIM-QAT's rescaling of the converted "
               "partial sums (rho = std(s)/std(ADC(s)); its running mean is folded into the output scale at export).")
 @click.option("--train-adc-bits", type=int, help="Adjusted precision: train with ADCs of this many bits over the same "

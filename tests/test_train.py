@@ -161,6 +161,16 @@ def test_adc_steps_learn_relative_to_their_compiled_values(tmp_path):
         start = {k: L.adc_step_start for k, L in qm.layers.items()}
     assert all(torch.equal(steps[0.0][k], start[k]) for k in start)
     assert any(not torch.equal(steps[50.0][k], start[k]) for k in start)
+    assert all(L.adc_step.requires_grad for L in qm.layers.values())   # fit leaves them trainable again
+    # fixed steps take no gradient (fit at adc_lr 0), and the rest of the step's gradients are the same
+    qm2 = T.prepare(make_net(), res, rescale=True).train()
+    T.fix_adc_steps(qm2, True)
+    qm3 = T.prepare(make_net(), res, rescale=True).train()
+    for m in (qm2, qm3):
+        TF.cross_entropy(m(torch.from_numpy(x[:16])), torch.from_numpy(y[:16])).backward()
+    assert all(L.adc_step.grad is None for L in qm2.layers.values())
+    for (n2, p2), (n3, p3) in zip(qm2.named_parameters(), qm3.named_parameters()):
+        assert n2 == n3 and (p2.grad is None if n2.endswith("adc_step") else torch.equal(p2.grad, p3.grad)), n2
     xt = data(24, seed=9)
     got = torch_eval(qm, xt)
     assert np.array_equal(got, ort(T.export(qm, tmp_path / "t.pim.onnx").model, xt))

@@ -25,7 +25,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.01               # weights, BatchNorm and biases
     scale_lr: float = 0.001        # learned scales s_x, s_w
-    adc_lr: float = 0.0            # ADC steps, relative to their starting value (relative_adc_gradients); 0: fixed
+    adc_lr: float = 0.0            # ADC steps, relative to their starting value (relative_adc_gradients); 0: fixed (fix_adc_steps)
     momentum: float = 0.9
     weight_decay: float = 5e-5     # weights only
     augment: bool = True           # random horizontal flips and 4-pixel padded crops (images >= 16 px)
