@@ -6,8 +6,9 @@ learned-step-size (LSQ, Esser et al. 2020) gradients for the scales.
 * every ``round`` passes gradients straight through; values clipped by a quantizer get
   none (their scale gets the clip bound instead, as in LSQ).  The pass/block masks are kept
   as float32 0/1 and applied by multiplication (``grad * inside``; a blocked gradient is
-  then 0 with the sign of grad * 0, which changes no sum that is not zero): torch 2.13's
-  ``where`` on CPU takes 7-10x the time of a multiplication over a partial-sum-sized tensor;
+  then 0 with the sign of grad * 0, which changes no sum that is not zero; an infinite or NaN
+  gradient would no longer be blocked, and ``fit`` stops at a non-finite loss before): torch
+  2.13's ``where`` on CPU takes 7-10x the time of a multiplication over a partial-sum-sized tensor;
 * a scale's gradient is multiplied by ``1/sqrt(N * Qp)`` (N elements per scale, Qp the
   largest positive level) through :func:`grad_scale`, an identity in the forward;
 * splits whose parts are recombined with known coefficients (weight slices, input bit
