@@ -18,7 +18,7 @@ integers).  Rules that keep the two libraries bit-identical:
 from __future__ import annotations
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_torch_array
 
 MASK32 = 0xFFFFFFFF
 MIX = (2654435761, 2246822507, 3266489909)     # mix32's multipliers
@@ -199,7 +199,7 @@ def _add_term(xp, acc, t, k: float):
     needs no rounding) gives the same values as the separate product and sum."""
     if acc is None:
         return xp.astype(t, xp.float64) * k
-    if hasattr(acc, "add_"):   # torch
+    if is_torch_array(acc):
         return acc.add_(t, alpha=k)
     return acc + xp.astype(t, xp.float64) * k
 
