@@ -256,22 +256,42 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
   const Sink out = sink;  // a local copy: the compiler need not reload its fields after each store
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  // Without a curve, sixteen values at a time in one loop: Lanes' steps in 16 lanes (the
-  // same operations and operand orders)
-  if constexpr (Identity) {
+  // Without a curve, or with a curve of at most 64 levels, sixteen values at a time in one loop:
+  // Lanes' steps (curve_in's and finish's) in 16 lanes, the same operations and operand orders.
+  // A curve's segment start and slope come from two 64-entry tables by permutes (registers, no
+  // loads per value).
+  if (Identity || k.lo != nullptr) {
     const __m512 d = _mm512_set1_ps(k.d), g = _mm512_set1_ps(k.g), o = _mm512_set1_ps(k.o), z = _mm512_set1_ps(k.z),
                  zero = _mm512_setzero_ps(), top = _mm512_set1_ps(k.top), two = _mm512_set1_ps(2.0f),
                  c256 = _mm512_set1_ps(256.0f), ss = _mm512_set1_ps(k.ss), ss256 = _mm512_set1_ps(k.ss / 256.0f);
     const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(k.key)),
                   m1 = _mm512_set1_epi32(static_cast<int32_t>(2146121005u)),
                   m2 = _mm512_set1_epi32(static_cast<int32_t>(2221713035u)), ones8 = _mm512_set1_epi8(1),
-                  ones16 = _mm512_set1_epi16(1), c510 = _mm512_set1_epi32(510);
+                  ones16 = _mm512_set1_epi16(1), c510 = _mm512_set1_epi32(510),
+                  last = _mm512_set1_epi32(static_cast<int32_t>(k.top) - 1), izero = _mm512_setzero_si512(),
+                  bit5 = _mm512_set1_epi32(32);
+    __m512 lo0 = zero, lo1 = zero, lo2 = zero, lo3 = zero, dl0 = zero, dl1 = zero, dl2 = zero, dl3 = zero;
+    if constexpr (!Identity) {
+      lo0 = _mm512_loadu_ps(k.lo), lo1 = _mm512_loadu_ps(k.lo + 16), lo2 = _mm512_loadu_ps(k.lo + 32);
+      lo3 = _mm512_loadu_ps(k.lo + 48), dl0 = _mm512_loadu_ps(k.dl), dl1 = _mm512_loadu_ps(k.dl + 16);
+      dl2 = _mm512_loadu_ps(k.dl + 32), dl3 = _mm512_loadu_ps(k.dl + 48);
+    }
     const float s256 = k.ss / 256.0f;
     const bool folded = std::isnormal(s256) && s256 * 256.0f == k.ss;
     for (; i + 16 <= n; i += 16) {
       const __m512 w = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(g, _mm512_div_ps(_mm512_loadu_ps(in + i), d)), o), z);
       const __m512 wc = _mm512_min_ps(_mm512_max_ps(zero, w), top);
-      __m512 f = _mm512_add_ps(wc, _mm512_sub_ps(w, wc));
+      __m512 f;
+      if constexpr (Identity) {
+        f = _mm512_add_ps(wc, _mm512_sub_ps(w, wc));
+      } else {
+        const __m512i k0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvttps_epi32(wc), last), izero);
+        const __mmask16 hi = _mm512_test_epi32_mask(k0, bit5);
+        const __m512 lo = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(lo0, k0, lo1), _mm512_permutex2var_ps(lo2, k0, lo3));
+        const __m512 dl = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(dl0, k0, dl1), _mm512_permutex2var_ps(dl2, k0, dl3));
+        f = _mm512_add_ps(_mm512_add_ps(lo, _mm512_mul_ps(_mm512_sub_ps(wc, _mm512_cvtepi32_ps(k0)), dl)),
+                          _mm512_sub_ps(w, wc));
+      }
       if (Noisy) {
         __m512i h = _mm512_add_epi32(_mm512_loadu_si512(mc + i), key);
         h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 16));
@@ -288,51 +308,6 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
       const __m512 code = _mm512_min_ps(
           _mm512_max_ps(zero, _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), top);
       out.put16(i, _mm512_mul_ps(_mm512_sub_ps(code, z), d));
-    }
-  }
-  // With a curve of at most 64 levels, sixteen values at a time too: the segment's start and slope
-  // come from two tables by permutes (registers, no loads per value); the steps and operand
-  // orders are curve_in's and finish's
-  if constexpr (!Identity) {
-    if (k.lo != nullptr) {
-      const __m512 d = _mm512_set1_ps(k.d), g = _mm512_set1_ps(k.g), o = _mm512_set1_ps(k.o), z = _mm512_set1_ps(k.z),
-                   zero = _mm512_setzero_ps(), top = _mm512_set1_ps(k.top), ss256 = _mm512_set1_ps(k.ss / 256.0f),
-                   ss = _mm512_set1_ps(k.ss), two = _mm512_set1_ps(2.0f), c256 = _mm512_set1_ps(256.0f);
-      const __m512 lo0 = _mm512_loadu_ps(k.lo), lo1 = _mm512_loadu_ps(k.lo + 16), lo2 = _mm512_loadu_ps(k.lo + 32),
-                   lo3 = _mm512_loadu_ps(k.lo + 48), dl0 = _mm512_loadu_ps(k.dl), dl1 = _mm512_loadu_ps(k.dl + 16),
-                   dl2 = _mm512_loadu_ps(k.dl + 32), dl3 = _mm512_loadu_ps(k.dl + 48);
-      const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(k.top) - 1), izero = _mm512_setzero_si512(),
-                    bit5 = _mm512_set1_epi32(32), key = _mm512_set1_epi32(static_cast<int32_t>(k.key)),
-                    m1 = _mm512_set1_epi32(static_cast<int32_t>(2146121005u)),
-                    m2 = _mm512_set1_epi32(static_cast<int32_t>(2221713035u)), ones8 = _mm512_set1_epi8(1),
-                    ones16 = _mm512_set1_epi16(1), c510 = _mm512_set1_epi32(510);
-      const float s256 = k.ss / 256.0f;
-      const bool folded = std::isnormal(s256) && s256 * 256.0f == k.ss;
-      for (; i + 16 <= n; i += 16) {
-        const __m512 w = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(g, _mm512_div_ps(_mm512_loadu_ps(in + i), d)), o), z);
-        const __m512 wc = _mm512_min_ps(_mm512_max_ps(zero, w), top);
-        const __m512i k0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvttps_epi32(wc), last), izero);
-        const __mmask16 hi = _mm512_test_epi32_mask(k0, bit5);
-        const __m512 lo = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(lo0, k0, lo1), _mm512_permutex2var_ps(lo2, k0, lo3));
-        const __m512 dl = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(dl0, k0, dl1), _mm512_permutex2var_ps(dl2, k0, dl3));
-        __m512 f = _mm512_add_ps(_mm512_add_ps(lo, _mm512_mul_ps(_mm512_sub_ps(wc, _mm512_cvtepi32_ps(k0)), dl)),
-                                 _mm512_sub_ps(w, wc));
-        if (Noisy) {
-          __m512i h = _mm512_add_epi32(_mm512_loadu_si512(mc + i), key);
-          h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 16));
-          h = _mm512_mullo_epi32(h, m1);
-          h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 15));
-          h = _mm512_mullo_epi32(h, m2);
-          h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 16));
-          const __m512i fs = _mm512_madd_epi16(_mm512_maddubs_epi16(h, ones8), ones16);
-          f = _mm512_add_ps(f, folded ? _mm512_mul_ps(ss256, _mm512_cvtepi32_ps(_mm512_sub_epi32(fs, c510)))
-                                      : _mm512_mul_ps(ss, _mm512_sub_ps(_mm512_div_ps(_mm512_add_ps(
-                                                                            _mm512_cvtepi32_ps(fs), two), c256), two)));
-        }
-        const __m512 code = _mm512_min_ps(
-            _mm512_max_ps(zero, _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), top);
-        out.put16(i, _mm512_mul_ps(_mm512_sub_ps(code, z), d));
-      }
     }
   }
 #endif
