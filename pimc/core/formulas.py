@@ -32,13 +32,19 @@ def _xp(x):
     return array_namespace(np.asarray(x) if isinstance(x, (int, float, np.generic)) else x)
 
 
+def _as_f32(xp, x):
+    """``x`` as float32: ``x`` itself when it is float32 already (``astype`` copies by default,
+    a whole pass over a partial-sum-sized tensor; the formulas never write into their inputs)."""
+    return xp.astype(x, xp.float32, copy=False)
+
+
 def _f32(xp, v, like):
     """``v`` (a number, a numpy array or an array of ``like``'s library) as float32 in that library."""
     if isinstance(v, (int, float, np.generic, np.ndarray)):
         if not isinstance(like, np.ndarray):
             return xp.asarray(np.asarray(v, np.float32), device=like.device)
         return xp.astype(xp.asarray(v), xp.float32)
-    return xp.astype(v, xp.float32)
+    return _as_f32(xp, v)
 
 
 # ---------------------------------------------------------------- input quantization
@@ -58,7 +64,7 @@ def quantize_input_parts(x, scale, *, bits: int, signed: int):
     """``quantize_input``'s value and the step to it, for gradients: (q, v = x / s)."""
     xp = _xp(x)
     lo, hi = input_range(bits, signed)
-    x = xp.astype(x, xp.float32)
+    x = _as_f32(xp, x)
     v = x / _f32(xp, scale, x)
     return xp.clip(xp.round(v), lo, hi), v
 
@@ -75,7 +81,7 @@ def bit_planes(q, *, bits: int, signed: int):
     """The ``bits`` bit planes of integer inputs ``q`` (two's complement when signed),
     stacked along axis 0: plane p of every row, then plane p+1."""
     xp = _xp(q)
-    q = xp.astype(q, xp.float32)
+    q = _as_f32(xp, q)
     u = xp.where(q < 0, q + float(2 ** bits), q)
     planes = []
     for _ in range(bits):          # u = floor(q' / 2^p) (exact halvings); its parity is plane p
@@ -91,7 +97,7 @@ def quantize_weight(w, scale, *, bits: int):
     (axis 0 of ``w``): the integer weights of every scheme."""
     xp = _xp(w)
     qmax = float(2 ** (bits - 1) - 1)
-    w = xp.astype(w, xp.float32)
+    w = _as_f32(xp, w)
     s = xp.reshape(_f32(xp, scale, w), (-1, *([1] * (w.ndim - 1))))
     return xp.clip(xp.round(w / s), -qmax, qmax)
 
@@ -109,7 +115,7 @@ def weight_slices(q, *, bits: int, cell_bits: int, differential: bool):
     (``bits`` - 1 magnitude bits); else the unsigned low cells of q and a signed top cell.
     ``cell_bits`` 0 puts the whole value (or magnitude) in one cell."""
     xp = _xp(q)
-    q = xp.astype(q, xp.float32)
+    q = _as_f32(xp, q)
     if differential:
         mag = bits - 1
         c = cell_bits or mag
@@ -136,7 +142,7 @@ def adc_quantize_parts(s, scale, zero_point, *, bits: int):
     """``adc_quantize``'s value and the steps to it, for gradients: (value, v = s / Delta,
     round(v), the unclipped code round(v) + z, the clipped code)."""
     xp = _xp(s)
-    s = xp.astype(s, xp.float32)
+    s = _as_f32(xp, s)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
     v, r, code = _ideal_code(xp, s, scale, zp)
     clipped = xp.clip(code, 0.0, float(2 ** bits - 1))
@@ -155,7 +161,7 @@ def adc_code(s, scale, zero_point, gain=None, offset=None, lut=None, noise=None)
     chip (``gain`` given) round(f_NL(gain * s / Delta + offset + z) + noise), f_NL the transfer
     curve ``lut`` (when it has >= 2 levels).  Layer statistics count clipping with it."""
     xp = _xp(s)
-    s = xp.astype(s, xp.float32)
+    s = _as_f32(xp, s)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
     if gain is None:
         return _ideal_code(xp, s, scale, zp)[2]
@@ -174,7 +180,7 @@ def recombine(a, coef, *, planes: int, groups: int, tiles: int, slices: int):
     weights ``coef`` (planes, slices), in float64 (exact for these integer-valued
     sums, so the order does not matter), to (images, groups * cout_g, ...)."""
     xp = _xp(a)
-    a = xp.astype(a, xp.float32)
+    a = _as_f32(xp, a)
     rows, cols, rest = a.shape[0], a.shape[1], tuple(a.shape[2:])
     cout_g = cols // (groups * tiles * slices)
     r = xp.reshape(a, (planes, rows // planes, groups, tiles * slices, -1))
@@ -242,7 +248,7 @@ def row_keys(s):
     """Per batch row: sum of floor(16 s) over the row's first KEY_VALUES values, in
     float64 (exact, order-free), modulo 2^32, as int64."""
     xp = _xp(s)
-    s = xp.astype(s, xp.float32)
+    s = _as_f32(xp, s)
     flat = xp.reshape(s, (s.shape[0], -1))[:, :KEY_VALUES]
     f = xp.sum(xp.floor(xp.astype(flat, xp.float64) * 16.0), axis=1)
     return xp.astype(xp.remainder(xp.abs(f), 2.0 ** 32), xp.int64)
@@ -284,7 +290,7 @@ def adc_quantize_nonideal(s, scale, zero_point, gain, offset, lut, *, bits: int,
     """Non-ideal ADC: w = gain * (s / Delta) + offset + z through the transfer curve
     ``lut`` (when it has >= 2 levels), plus thermal noise, rounded and clipped."""
     xp = _xp(s)
-    s = xp.astype(s, xp.float32)
+    s = _as_f32(xp, s)
     scale, zp = _f32(xp, scale, s), _f32(xp, zero_point, s)
     noise = thermal_noise(s, noise_sigma, seed) if noise_sigma > 0 else None
     code = xp.clip(adc_code(s, scale, zp, gain, offset, lut, noise), 0.0, float(2 ** bits - 1))

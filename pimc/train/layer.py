@@ -229,7 +229,8 @@ class PimLayer(nn.Module):
         sub = max(1, self.sub_batch_elements // max(per_image, 1))
         parts, stats = [], []
         for i in range(0, rows, sub):   # images are independent: same values as one pass over the batch
-            a, st = self._core(q[i:i + sub], weights, rows)
+            # (one sub-batch: q itself, not a slice, whose backward would zero-fill and copy q's gradient)
+            a, st = self._core(q if sub >= rows else q[i:i + sub], weights, rows)
             parts.append(a)
             stats += st
         acc = parts[0] if len(parts) == 1 else torch.cat(parts)

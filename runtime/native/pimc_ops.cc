@@ -186,7 +186,7 @@ constexpr int64_t kBlock = 128;
 // A column's constants broadcast to eight lanes, and the steps of a conversion.
 struct Lanes {
   __m256 d, g, o, z, zero, top, two, c256, ss, ss256;
-  __m256i last, izero, key, m1, m2, ones8, ones16, c510;
+  __m256i last, izero, key, m1, m2, ones8, ones16, c510, m510;
   bool folded;  // ss / 256 is exact (a normal float), so the noise can be scaled in one step
 
   explicit Lanes(const Column& k)
@@ -195,7 +195,7 @@ struct Lanes {
         ss(_mm256_set1_ps(k.ss)), last(_mm256_set1_epi32(static_cast<int32_t>(k.top) - 1)), izero(_mm256_setzero_si256()),
         key(_mm256_set1_epi32(static_cast<int32_t>(k.key))), m1(_mm256_set1_epi32(static_cast<int32_t>(2146121005u))),
         m2(_mm256_set1_epi32(static_cast<int32_t>(2221713035u))), ones8(_mm256_set1_epi8(1)), ones16(_mm256_set1_epi16(1)),
-        c510(_mm256_set1_epi32(510)) {
+        c510(_mm256_set1_epi32(510)), m510(_mm256_set1_epi32(-510)) {
     const float s256 = k.ss / 256.0f;
     folded = std::isnormal(s256) && s256 * 256.0f == k.ss;
     ss256 = _mm256_set1_ps(s256);
@@ -215,9 +215,15 @@ struct Lanes {
     h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 15));
     h = _mm256_mullo_epi32(h, m2);
     h = _mm256_add_epi32(h, _mm256_srli_epi32(h, 16));
-    __m256i fs = _mm256_madd_epi16(_mm256_maddubs_epi16(h, ones8), ones16);
-    if (folded)  // ss * ((fs + 2) / 256 - 2) == (ss / 256) * (fs - 510): both are ss (fs - 510) / 256 rounded once
-      return _mm256_mul_ps(ss256, _mm256_cvtepi32_ps(_mm256_sub_epi32(fs, c510)));
+    // ss * ((fs + 2) / 256 - 2) == (ss / 256) * (fs - 510) where folded: both are ss (fs - 510) / 256
+    // rounded once.  With VNNI the byte sum (and the - 510) is one vpdpbusd.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    if (folded) return _mm256_mul_ps(ss256, _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(m510, h, ones8)));
+    const __m256i fs = _mm256_dpbusd_epi32(izero, h, ones8);
+#else
+    const __m256i fs = _mm256_madd_epi16(_mm256_maddubs_epi16(h, ones8), ones16);
+    if (folded) return _mm256_mul_ps(ss256, _mm256_cvtepi32_ps(_mm256_sub_epi32(fs, c510)));
+#endif
     return _mm256_mul_ps(ss, _mm256_sub_ps(_mm256_div_ps(_mm256_add_ps(_mm256_cvtepi32_ps(fs), two), c256), two));
   }
   // (clip(round(f), 0, top) - z) * d
@@ -267,7 +273,7 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
     const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(k.key)),
                   m1 = _mm512_set1_epi32(static_cast<int32_t>(2146121005u)),
                   m2 = _mm512_set1_epi32(static_cast<int32_t>(2221713035u)), ones8 = _mm512_set1_epi8(1),
-                  ones16 = _mm512_set1_epi16(1), c510 = _mm512_set1_epi32(510),
+                  ones16 = _mm512_set1_epi16(1), c510 = _mm512_set1_epi32(510), m510 = _mm512_set1_epi32(-510),
                   last = _mm512_set1_epi32(static_cast<int32_t>(k.top) - 1), izero = _mm512_setzero_si512(),
                   bit5 = _mm512_set1_epi32(32);
     __m512 lo0 = zero, lo1 = zero, lo2 = zero, lo3 = zero, dl0 = zero, dl1 = zero, dl2 = zero, dl3 = zero;
@@ -299,8 +305,14 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
         h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 15));
         h = _mm512_mullo_epi32(h, m2);
         h = _mm512_add_epi32(h, _mm512_srli_epi32(h, 16));
-        const __m512i fs = _mm512_madd_epi16(_mm512_maddubs_epi16(h, ones8), ones16);
-        const __m512 nz = folded ? _mm512_mul_ps(ss256, _mm512_cvtepi32_ps(_mm512_sub_epi32(fs, c510)))
+        // the four bytes' sum fs, or fs - 510 straight away where the noise is scaled in one step
+#if defined(__AVX512VNNI__)
+        const __m512i fs = _mm512_dpbusd_epi32(folded ? m510 : izero, h, ones8);   // one instruction
+#else
+        __m512i fs = _mm512_madd_epi16(_mm512_maddubs_epi16(h, ones8), ones16);
+        if (folded) fs = _mm512_sub_epi32(fs, c510);
+#endif
+        const __m512 nz = folded ? _mm512_mul_ps(ss256, _mm512_cvtepi32_ps(fs))
                                  : _mm512_mul_ps(ss, _mm512_sub_ps(_mm512_div_ps(_mm512_add_ps(_mm512_cvtepi32_ps(fs), two),
                                                                                  c256), two));
         f = _mm512_add_ps(f, nz);
