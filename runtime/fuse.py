@@ -13,8 +13,9 @@ kernel reads the layer input in place instead of a gathered copy.  Where every c
 them go in too: its ``QuantizeInput`` (when only the fused chunks read it: the kernel
 quantizes the float input as it packs the bytes), the ``Sum`` of its chunks (a left fold:
 chunk i adds its result to chunk i-1's, read as ``addend``) and its dequantization ``Mul``
-and bias ``Add`` (per output channel, applied by the last chunk), each with the same float32
-operations in the same order.  Everything else is untouched; the model's metadata is kept, so the
+and bias ``Add`` (per output channel, applied by the last chunk), then a residual ``Add`` of a
+computed tensor of the output's shape (by onnx shape inference) and a ``Relu`` that follow, each
+with the same float32 operations in the same order.  Everything else is untouched; the model's metadata is kept, so the
 mapping still describes the layers.  The compiler never writes the fused op: the IR
 on disk stays Conv + ADC, which any onnxruntime runs.
 
@@ -39,6 +40,8 @@ ONE = "pimc/fuse/coef_one"
 # The epilogue inputs where a fused op has nothing to add, scale or quantize: x_scale 1
 # (x / 1 = x), addend 0, out_scale 1, out_bias 0 (the recombination is never -0.0: unchanged).
 SCALAR_ONE, SCALAR_ZERO = "pimc/fuse/one", "pimc/fuse/zero"
+# no residual: -0.0, the one value that adds nothing to every float (y + -0.0 == y, -0.0 included)
+SCALAR_NEG_ZERO = "pimc/fuse/neg_zero"
 
 
 def _integer_bytes(w: np.ndarray) -> bool:
@@ -128,7 +131,7 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
             gathers = {n.name for n in consumers.get(pad.output[0], [])}
             if gathers <= drop:
                 drop.add(pad.name)
-    extra = _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop)
+    extra = _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop, _shapes(model))
     new_nodes = []
     for n in out.graph.node:
         if n.name in drop:
@@ -147,23 +150,35 @@ def fuse_array_ops(model: onnx.ModelProto, source: str = "model") -> tuple[onnx.
         ep = extra.get(conv.name, {})
         x = ep.get("x", x)
         ep_inputs = [ep.get("x_scale", SCALAR_ONE), ep.get("addend", SCALAR_ZERO), ep.get("out_scale", SCALAR_ONE),
-                     ep.get("out_bias", SCALAR_ZERO)]
+                     ep.get("out_bias", SCALAR_ZERO), ep.get("residual", SCALAR_NEG_ZERO)]
         new_nodes.append(helper.make_node(
             FUSED[adc.op_type], [x, chan, conv.input[1], *adc_inputs, *ep_inputs], [ep.get("y", adc.output[0])],
             name=adc.name, domain=DOMAIN,
             strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
             dilations=list(attrs.get("dilations", [1, 1])), group=int(attrs.get("group", 1)),
-            x_signed=attrs["x_signed"], x_bits=int(attrs["x_bits"]), **adc_attrs))
+            x_signed=attrs["x_signed"], x_bits=int(attrs["x_bits"]), relu=int(ep.get("relu", 0)), **adc_attrs))
     if any(adc.op_type not in N.RECOMBINE_OPS for _, adc, *_ in fuse.values()):
         out.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1), np.float32), ONE))
     out.graph.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), SCALAR_ONE),
-                                  numpy_helper.from_array(np.array(0.0, np.float32), SCALAR_ZERO)])
+                                  numpy_helper.from_array(np.array(0.0, np.float32), SCALAR_ZERO),
+                                  numpy_helper.from_array(np.array(-0.0, np.float32), SCALAR_NEG_ZERO)])
     del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
+    out.graph.node.extend(_topological(new_nodes))
     have = {f.name for f in out.functions}
     used = sorted({FUSED[adc.op_type] for _, adc, *_ in fuse.values()})
     out.functions.extend(f for f in function_protos(used) if f.name not in have)
     return out, len(fuse)
+
+
+def _topological(nodes: list) -> list:
+    """``nodes`` in a topological order, the given order wherever it allows (a fused op that reads
+    a residual computed further down the list moves after its producer)."""
+    import networkx as nx
+    g = nx.DiGraph()
+    g.add_nodes_from(range(len(nodes)))
+    made = {o: i for i, n in enumerate(nodes) for o in n.output}
+    g.add_edges_from((made[t], i) for i, n in enumerate(nodes) for t in n.input if t in made)
+    return [nodes[i] for i in nx.lexicographical_topological_sort(g)]
 
 
 def _per_channel(t: onnx.TensorProto, cout: int) -> bool:
@@ -172,7 +187,47 @@ def _per_channel(t: onnx.TensorProto, cout: int) -> bool:
     return int(np.prod(dims)) == 1 or (int(np.prod(dims)) == cout and dims[-3:] == [cout, 1, 1] and len(dims) <= 4)
 
 
-def _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop) -> dict:
+def _shapes(model: onnx.ModelProto) -> dict:
+    """Tensor name -> its inferred shape (dims as ints or symbols; None where one is unknown), by
+    onnx shape inference; {} where it fails (then no residual Add is fused)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:   # onnx raises several types; without shapes nothing depends on them
+        return {}
+    out = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return out
+
+
+def _residual_and_relu(y, last, nodes_by_name, consumers, outputs, inits, shapes, drop) -> str:
+    """After a layer's output ``y`` (its last fused chunk's result): a standard ``Add`` that is
+    y's only reader, whose other operand is a computed tensor (not an initializer) of y's
+    inferred shape (the residual of a ResNet block), goes into the fused op as ``residual``;
+    then a ``Relu`` that is the only reader of the result as ``relu`` = 1.  Returns the new output."""
+    def only(t):
+        r = consumers.get(t, [])
+        return r[0] if len(r) == 1 and t not in outputs else None
+    a = only(y)
+    if (a is not None and a.op_type == "Add" and a.domain in ("", "ai.onnx") and len(a.input) == 2
+            and list(a.input).count(y) == 1):
+        other = a.input[1] if a.input[0] == y else a.input[0]
+        sy, so = shapes.get(y), shapes.get(other)
+        if other not in inits and sy is not None and sy == so and None not in sy and sy == shapes.get(a.output[0]):
+            last["residual"] = other
+            y = a.output[0]
+            drop.add(a.name)
+    r = only(y)
+    if r is not None and r.op_type == "Relu" and r.domain in ("", "ai.onnx"):
+        last["relu"] = 1
+        y = r.output[0]
+        drop.add(r.name)
+    return y
+
+
+def _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop, shapes) -> dict:
     """For each layer whose chunks all fuse: which of its QuantizeInput, Sum of chunks,
     dequantization Mul and bias Add go into its fused nodes (names added to ``drop``), as
     {conv name: {"x", "x_scale", "addend", "out_scale", "out_bias", "y"}} (only what changes)."""
@@ -220,6 +275,8 @@ def _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop) -> dict:
                 last[key] = m.input[1]
                 y = m.output[0]
                 drop.add(m.name)
+            # then the block's residual Add (a computed tensor of the output's shape) and its Relu
+            y = _residual_and_relu(y, last, nodes, consumers, outputs, inits, shapes, drop)
             last["y"] = y
         extra.update({name: e for name, e in ep.items() if e})
     return extra

@@ -343,7 +343,10 @@ ADC_RECOMBINE_NONIDEAL = OpDef(
 # order: ``addend`` the earlier chunks' sum (the Sum of chunks is a left fold) or a scalar 0,
 # ``out_scale`` / ``out_bias`` the layer's dequantization Mul and bias Add (per output channel)
 # or scalars 1 / 0.  The recombination's output is never -0.0 (its float64 sum starts at +0),
-# so with the scalars the three operations return r unchanged.
+# so with the scalars the three operations return r unchanged.  Then y + residual (the layer's
+# residual Add: a tensor of the output's shape, or the scalar -0.0, which adds nothing to any
+# value) and, where the attribute ``relu`` is 1, the Relu that followed (onnxruntime's: x < 0 ? 0 : x,
+# so -0.0 and NaN stay).
 _GATHER = f"""
   xq = {DOMAIN}.QuantizeInput <bits: int = @x_bits, signed: int = @x_signed> (x, x_scale)
   zero_channel = Constant <value_ints = [0, 0, 0, 0, 0, 1, 0, 0]> ()
@@ -352,8 +355,13 @@ _GATHER = f"""
 _EPILOGUE = """
   ya = Add (addend, r)
   ys = Mul (ya, out_scale)
-  y = Add (ys, out_bias)"""
-_EPILOGUE_INPUTS = ("x_scale", "addend", "out_scale", "out_bias")
+  yb = Add (ys, out_bias)
+  yr = Add (yb, residual)
+  yz = Relu (yr)
+  relu_flag = Constant <value_int: int = @relu> ()
+  relu_on = Cast <to = 9> (relu_flag)
+  y = Where (relu_on, yz, yr)"""
+_EPILOGUE_INPUTS = ("x_scale", "addend", "out_scale", "out_bias", "residual")
 _CONV_ATTRS = "strides: ints = @strides, pads: ints = @pads, dilations: ints = @dilations, group: int = @group"
 
 
@@ -386,34 +394,37 @@ def gather_channels_np(x, channels):
     return xp[:, np.asarray(channels, np.int64)]
 
 
-def _epilogue_np(r, addend, out_scale, out_bias):
+def _epilogue_np(r, addend, out_scale, out_bias, residual, relu):
     f = np.float32
-    return ((np.asarray(addend, f) + r) * np.asarray(out_scale, f) + np.asarray(out_bias, f)).astype(f)
+    y = ((np.asarray(addend, f) + r) * np.asarray(out_scale, f) + np.asarray(out_bias, f)).astype(f)
+    y = (y + np.asarray(residual, f)).astype(f)
+    return np.where(y < 0, f(0), y).astype(f) if relu else y
 
 
 def _conv_adc_recombine_np(x, channels, w, scale, zero_point, coef, x_scale=1.0, addend=0.0, out_scale=1.0,
-                           out_bias=0.0, *, bits, planes, groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0),
-                           dilations=(1, 1), group=1, x_signed=0, x_bits=8):
+                           out_bias=0.0, residual=-0.0, *, bits, planes, groups, tiles, slices, strides=(1, 1),
+                           pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0, x_bits=8, relu=0):
     x = gather_channels_np(quantize_input_np(x, x_scale, bits=x_bits, signed=x_signed), channels)
     r = adc_recombine_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, coef, bits=bits,
                          planes=planes, groups=groups, tiles=tiles, slices=slices)
-    return _epilogue_np(r, addend, out_scale, out_bias)
+    return _epilogue_np(r, addend, out_scale, out_bias, residual, relu)
 
 
 def _conv_adc_recombine_nonideal_np(x, channels, w, scale, zero_point, gain, offset, lut, coef, x_scale=1.0, addend=0.0,
-                                    out_scale=1.0, out_bias=0.0, *, bits, noise_sigma, seed, planes, groups, tiles,
-                                    slices, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, x_signed=0,
-                                    x_bits=8):
+                                    out_scale=1.0, out_bias=0.0, residual=-0.0, *, bits, noise_sigma, seed, planes,
+                                    groups, tiles, slices, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1,
+                                    x_signed=0, x_bits=8, relu=0):
     x = gather_channels_np(quantize_input_np(x, x_scale, bits=x_bits, signed=x_signed), channels)
     r = adc_recombine_nonideal_np(conv2d_np(x, w, strides, pads, dilations, group), scale, zero_point, gain,
                                   offset, lut, coef, bits=bits, noise_sigma=noise_sigma, seed=seed, planes=planes,
                                   groups=groups, tiles=tiles, slices=slices)
-    return _epilogue_np(r, addend, out_scale, out_bias)
+    return _epilogue_np(r, addend, out_scale, out_bias, residual, relu)
 
 
 CONV_ADC_RECOMBINE = OpDef(
     "ConvAdcRecombine", ("x", "channels", "w", "scale", "zero_point", "coef", *_EPILOGUE_INPUTS),
-    ("strides", "pads", "dilations", "group", "x_signed", "x_bits", "bits", "planes", "groups", "tiles", "slices"),
+    ("strides", "pads", "dilations", "group", "x_signed", "x_bits", "bits", "planes", "groups", "tiles", "slices",
+     "relu"),
     f"""
 {_GATHER}
   s = Conv <{_CONV_ATTRS}> (xg, w)
@@ -427,7 +438,7 @@ CONV_ADC_RECOMBINE_NONIDEAL = OpDef(
     "ConvAdcRecombineNonIdeal",
     ("x", "channels", "w", "scale", "zero_point", "gain", "offset", "lut", "coef", *_EPILOGUE_INPUTS),
     ("strides", "pads", "dilations", "group", "x_signed", "x_bits", "bits", "noise_sigma", "seed", "planes", "groups",
-     "tiles", "slices"),
+     "tiles", "slices", "relu"),
     f"""
 {_GATHER}
   s = Conv <{_CONV_ATTRS}> (xg, w)

@@ -1,6 +1,6 @@
 """The fused array op (ConvAdcRecombine[NonIdeal]): native kernel == function body == numpy,
 over conv shapes, input and cell bits, planes, tiles and slices, with and without the input
-quantization and the epilogue (addend, per-channel scale and bias); the session rewrite keeps
+quantization and the epilogue (addend, per-channel scale and bias, residual, Relu); the session rewrite keeps
 compiled models bit for bit; a portable (no AVX) build of the kernels gives the same values."""
 import os
 import subprocess
@@ -40,7 +40,7 @@ def fused_cases(draw):
     return dict(P=P if inputs == "planes" else 1, G=G, T=T, S=S, coutg=coutg, cg=cg, k=(kh, kw), stride=stride,
                 dil=dil, pads=pads, hw=(h, w), inputs=inputs, cell=cell, B=draw(st.integers(1, 3)),
                 bits=draw(st.integers(2, 8)), seed=draw(st.integers(0, 2 ** 16)), gather=draw(st.booleans()),
-                epilogue=draw(st.sampled_from(["none", "quantize", "affine", "both"])))
+                epilogue=draw(st.sampled_from(["none", "quantize", "affine", "both"])), relu=draw(st.booleans()))
 
 
 def _epilogue(c, rng, x, out_shape):
@@ -49,7 +49,7 @@ def _epilogue(c, rng, x, out_shape):
     halves, so that clipping and round-half-even are exercised)."""
     f = np.float32
     one, zero = np.array(1.0, f), np.array(0.0, f)
-    ep = {"x_scale": one, "addend": zero, "out_scale": one, "out_bias": zero}
+    ep = {"x_scale": one, "addend": zero, "out_scale": one, "out_bias": zero, "residual": np.array(-0.0, f)}
     if c.get("epilogue", "none") in ("quantize", "both"):
         xs = f(rng.uniform(0.05, 3.0))
         xf = (x + rng.choice([0.0, 0.5, -0.5, 0.3, 2.0], x.shape)) * xs
@@ -60,6 +60,15 @@ def _epilogue(c, rng, x, out_shape):
         ep["addend"] = rng.standard_normal(out_shape).astype(f) * f(50)
         ep["out_scale"] = rng.uniform(-0.2, 0.2, (1, cout, 1, 1)).astype(f)
         ep["out_bias"] = rng.standard_normal((1, cout, 1, 1)).astype(f)
+        # the residual Add: a tensor (with -0.0 and +0.0 in it, and sums of exactly 0), or a plain value
+        if rng.random() < 0.7:
+            res = rng.standard_normal(out_shape).astype(f) * f(20)
+            flat = res.reshape(-1)
+            flat[rng.random(flat.size) < 0.05] = -0.0
+            flat[rng.random(flat.size) < 0.05] = 0.0
+            ep["residual"] = res
+        else:
+            ep["residual"] = np.array(rng.standard_normal(), f)
     return x, ep
 
 
@@ -86,7 +95,7 @@ def _tensors(c):
     attrs = dict(strides=list(c["stride"]), pads=c["pads"], dilations=list(c["dil"]), group=conv_groups,
                  x_signed=int(c["inputs"].startswith("signed")),
                  x_bits={"planes": 1, "unsigned8": 8, "signed8": 8, "unsigned3": 3, "signed4": 4}[c["inputs"]],
-                 bits=c["bits"], planes=c["P"], groups=c["G"], tiles=c["T"], slices=c["S"])
+                 bits=c["bits"], planes=c["P"], groups=c["G"], tiles=c["T"], slices=c["S"], relu=int(c.get("relu", 0)))
     oh = (c["hw"][0] + c["pads"][0] + c["pads"][2] - c["dil"][0] * (c["k"][0] - 1) - 1) // c["stride"][0] + 1
     ow = (c["hw"][1] + c["pads"][1] + c["pads"][3] - c["dil"][1] * (c["k"][1] - 1) - 1) // c["stride"][1] + 1
     x, ep = _epilogue(c, rng, x, (c["B"], c["G"] * c["coutg"], oh, ow))
@@ -264,3 +273,48 @@ def test_fused_one_and_two_term_paths(c, ts, k0, k1, spread):
     assert np.array_equal(nat, body), np.abs(nat - body).max()
     assert np.array_equal(body, ref)
     assert not np.any(np.signbit(nat) & (nat == 0)) or c["epilogue"] in ("affine", "both")
+
+
+def residual_block_model(rng, c=4):
+    """x -> Conv(bias) -> Add(x) -> Relu -> Conv -> Relu -> y: a ResNet block's residual Add and
+    both Relus follow array convs."""
+    from onnx import helper, numpy_helper as nh, TensorProto
+    w1, w2 = (rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.3 for _ in range(2))
+    inits = [nh.from_array(w1, "W1"), nh.from_array(rng.standard_normal(c).astype(np.float32), "B1"),
+             nh.from_array(w2, "W2")]
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", **conv),
+             helper.make_node("Add", ["x", "c1"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "W2"], ["c2"], name="conv2", **conv),
+             helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@needs_native
+@pytest.mark.parametrize("scheme", ["native", "differential", "bit-serial"])
+def test_residual_add_and_relu_go_into_the_fused_op(tmp_path, scheme):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 4, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "c.npy", x)
+    res = pimc.compile_model(residual_block_model(rng), calib_data=str(tmp_path / "c.npy"), scheme=scheme,
+                             weight_bits=4, input_bits=4, adc_bits=5, array_rows=18)
+    fused, n = fuse_array_ops(res.model)
+    left = [nd.op_type for nd in fused.graph.node]
+    assert "Add" not in left and "Relu" not in left, left
+    last = {}
+    for nd in fused.graph.node:
+        if nd.op_type.startswith("ConvAdcRecombine"):
+            last[nd.output[0]] = nd
+    relus = [nd for nd in last.values() if any(a.name == "relu" and a.i == 1 for a in nd.attribute)]
+    assert len(relus) == 2 and any(not nd.input[-1].endswith("neg_zero") for nd in relus)
+    for chip in (None, "pimqat-chip7", build_chip_config(adc="nonideal", inl=1.5, noise_sigma=0.5)):
+        a = open_session(res.model, chip, chip_seed=2, native=False).run(None, {"x": x})[0]
+        b = open_session(res.model, chip, chip_seed=2, fuse=False).run(None, {"x": x})[0]
+        f = open_session(res.model, chip, chip_seed=2).run(None, {"x": x})[0]
+        assert np.array_equal(f, b) and np.array_equal(f, a), chip
+        assert (f >= 0).all() or np.isnan(f).any()

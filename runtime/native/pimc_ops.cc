@@ -900,7 +900,9 @@ struct ConvAttrs {
     strides = ki.GetAttributes<int64_t>("strides");
     pads = ki.GetAttributes<int64_t>("pads");
     dilations = ki.GetAttributes<int64_t>("dilations");
+    relu = ki.GetAttribute<int64_t>("relu");
   }
+  int64_t relu = 0;
 };
 
 ConvGeom conv_geom(const std::vector<int64_t>& xs, const std::vector<int64_t>& ws, const ConvAttrs& a, const char* op) {
@@ -1398,7 +1400,11 @@ struct Epilogue {
   const float* sc;
   const float* bi;
   bool sc_full, bi_full;
-  Epilogue(Ort::KernelContext& ctx, size_t i, const std::vector<int64_t>& yshape, const char* op) {
+  const float* res;  // the residual: one value (-0.0: nothing added) or the output's shape
+  bool res_full;
+  bool relu;
+  Epilogue(Ort::KernelContext& ctx, size_t i, const std::vector<int64_t>& yshape, const char* op, bool relu_)
+      : relu(relu_) {
     auto count = [&](size_t k) { return ctx.GetInput(k).GetTensorTypeAndShapeInfo().GetElementCount(); };
     const int64_t cout = yshape[1];
     if (count(i) != 1) ORT_CXX_API_THROW(std::string(op) + ": x_scale must be one value", ORT_INVALID_ARGUMENT);
@@ -1422,6 +1428,19 @@ struct Epilogue {
     bi = ctx.GetInput(i + 3).GetTensorData<float>();
     sc_full = count(i + 2) != 1;
     bi_full = count(i + 3) != 1;
+    res_full = count(i + 4) != 1;
+    if (res_full && ctx.GetInput(i + 4).GetTensorTypeAndShapeInfo().GetShape() != yshape)
+      ORT_CXX_API_THROW(std::string(op) + ": residual must be one value or of the output's shape", ORT_INVALID_ARGUMENT);
+    res = ctx.GetInput(i + 4).GetTensorData<float>();
+  }
+  // channel c's residual (image b, n values per channel), or nullptr where it is the one value res[0]
+  const float* residual(int64_t b, int64_t c, int64_t cout, int64_t n) const {
+    return res_full ? res + (b * cout + c) * n : nullptr;
+  }
+  // the body's last steps: y + residual, then (relu) onnxruntime's Relu, x < 0 ? 0 : x
+  float post(float y, float q) const {
+    const float u = y + q;
+    return relu && u < 0.0f ? 0.0f : u;
   }
   float scale(int64_t c) const { return sc[sc_full ? c : 0]; }
   float bias(int64_t c) const { return bi[bi_full ? c : 0]; }
@@ -1429,15 +1448,12 @@ struct Epilogue {
   const float* addend(int64_t b, int64_t c, int64_t cout, int64_t n) const {
     return add_full ? add + (b * cout + c) * n : nullptr;
   }
-  // y[i] = ((addend + r[i]) * scale) + bias for i < n (a: the channel's addend at this offset or nullptr)
-  void apply(float* __restrict y, const float* r, const float* a, int64_t c, int64_t n) const {
-    const float s = scale(c), t = bias(c);
-    if (a != nullptr) {
-      for (int64_t i = 0; i < n; ++i) y[i] = ((a[i] + r[i]) * s) + t;
-    } else {
-      const float a0 = add[0];
-      for (int64_t i = 0; i < n; ++i) y[i] = ((a0 + r[i]) * s) + t;
-    }
+  // y[i] = post(((addend + r[i]) * scale) + bias, residual) for i < n (a, q: the channel's addend and
+  // residual at this offset, or nullptr for the one value)
+  void apply(float* __restrict y, const float* r, const float* a, const float* q, int64_t c, int64_t n) const {
+    const float s = scale(c), t = bias(c), a0 = add[0], q0 = res[0];
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = post((((a != nullptr ? a[i] : a0) + r[i]) * s) + t, q != nullptr ? q[i] : q0);
   }
 };
 
@@ -1466,7 +1482,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
   int64_t B, coutg;
   float* y = recombine_output(ctx, {xs[0], g.M, g.OH, g.OW}, d, op, B, coutg);
   const int64_t cout = d.G * coutg, plane = cm.cx * g.H * g.W, ldc = pl.NB * 16;
-  const Epilogue ep(ctx, coef_input + 1, {B, cout, g.OH, g.OW}, op);
+  const Epilogue ep(ctx, coef_input + 1, {B, cout, g.OH, g.OW}, op, attrs.relu != 0);
   const InQuant iq(ep.xs, attrs.x_bits, attrs.x_signed, op);
   if (B * cout * g.N == 0) return;
   const int32_t shift = iq.shift;
@@ -1526,8 +1542,8 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
       for (int64_t gg = 0; gg < d.G; ++gg)
         for (int64_t o = 0; o < coutg; ++o) {
           const int64_t c = gg * coutg + o;
-          conv.rows(view, d, gg, o, coutg, coef, ep, c, ep.addend(b, c, cout, g.N), out + c * g.N, g.OH, g.OW,
-                    pl.pixel(1, 0, g) - pl.pixel(0, 0, g));
+          conv.rows(view, d, gg, o, coutg, coef, ep, c, ep.addend(b, c, cout, g.N), ep.residual(b, c, cout, g.N),
+                    out + c * g.N, g.OH, g.OW, pl.pixel(1, 0, g) - pl.pixel(0, 0, g));
         }
       return;
     }
@@ -1547,6 +1563,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
           if (!padded && d.P == 1 &&
               float_sum_exact(terms, k0, k1, conv.step(col0), terms == 2 ? conv.step(col1) : 0.0f, conv.top_code())) {
             const float* ad = ep.addend(b, c, cout, g.N);
+            const float* rd = ep.residual(b, c, cout, g.N);
             for (int64_t n0 = 0; n0 < dom; n0 += kPixBlock) {
               const int64_t len = std::min(kPixBlock, dom - n0);
               float v0[kPixBlock], v1[kPixBlock];
@@ -1557,7 +1574,7 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
               } else {
                 for (int64_t i = 0; i < len; ++i) v0[i] = (v0[i] * k0) + 0.0f;
               }
-              ep.apply(yo + n0, v0, ad == nullptr ? nullptr : ad + n0, c, len);
+              ep.apply(yo + n0, v0, ad == nullptr ? nullptr : ad + n0, rd == nullptr ? nullptr : rd + n0, c, len);
             }
             continue;
           }
@@ -1579,12 +1596,14 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
           }
           if (!last) continue;
           const float* ad = ep.addend(b, c, cout, g.N);
+          const float* rd = ep.residual(b, c, cout, g.N);
           float* oc = out + c * g.N;
           if (padded)   // the epilogue reads the padded rows and writes the output's
             for (int64_t oh = 0; oh < g.OH; ++oh)
-              ep.apply(oc + oh * g.OW, yo + pl.pixel(oh, 0, g), ad == nullptr ? nullptr : ad + oh * g.OW, c, g.OW);
+              ep.apply(oc + oh * g.OW, yo + pl.pixel(oh, 0, g), ad == nullptr ? nullptr : ad + oh * g.OW,
+                       rd == nullptr ? nullptr : rd + oh * g.OW, c, g.OW);
           else
-            ep.apply(oc, oc, ad, c, g.N);
+            ep.apply(oc, oc, ad, rd, c, g.N);
         }
     }
   });
@@ -1619,7 +1638,8 @@ struct IdealFromProducts {
   // In AVX-512 std::max(a, b) is _mm512_max_ps(b, a), std::min(a, b) _mm512_min_ps(b, a): the
   // same operand on ties and NaN.
   void rows(const PlaneView& pv, const RecombineDims& d, int64_t gg, int64_t o, int64_t coutg, const float* coef,
-            const Epilogue& ep, int64_t c, const float* ad, float* out, int64_t OH, int64_t OW, int64_t row) const {
+            const Epilogue& ep, int64_t c, const float* ad, const float* rd, float* out, int64_t OH, int64_t OW,
+            int64_t row) const {
     const int64_t terms = d.T * d.S;
     thread_local std::vector<int64_t> col;
     thread_local std::vector<float> dd, zz, kk;
@@ -1636,14 +1656,15 @@ struct IdealFromProducts {
     // one or two terms summed in float32 where that is the float64 sum (float_sum_exact)
     const bool fsum = float_sum_exact(terms, K[0], terms == 2 ? K[1] : 0.0f, D[0], terms == 2 ? D[1] : 0.0f, top);
     const bool one = fsum && terms == 1, two = fsum && terms == 2;
-    const float sc_c = ep.scale(c), bi_c = ep.bias(c), a0 = ep.add[0];
+    const float sc_c = ep.scale(c), bi_c = ep.bias(c), a0 = ep.add[0], q0 = ep.res[0];
     for (int64_t oh = 0; oh < OH; ++oh) {
       float* op = out + oh * OW;
       const float* a = ad == nullptr ? nullptr : ad + oh * OW;
+      const float* q = rd == nullptr ? nullptr : rd + oh * OW;
       int64_t ow = 0;
 #if defined(__AVX512F__)
       const __m512 vs = _mm512_set1_ps(sc_c), vt = _mm512_set1_ps(bi_c), va0 = _mm512_set1_ps(a0),
-                   zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
+                   vq0 = _mm512_set1_ps(q0), zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
       auto conv16 = [&](int64_t i, __mmask16 m) {
         const int32_t* in = pv.ci + COL[i] * pv.ldc + oh * row + ow;
         const __m512 vd = _mm512_set1_ps(D[i]), vz = _mm512_set1_ps(Z[i]);
@@ -1673,7 +1694,10 @@ struct IdealFromProducts {
                                                   _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
         }
         const __m512 av = a == nullptr ? va0 : _mm512_maskz_loadu_ps(m, a + ow);
-        _mm512_mask_storeu_ps(op + ow, m, _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(av, y), vs), vt));
+        const __m512 qv = q == nullptr ? vq0 : _mm512_maskz_loadu_ps(m, q + ow);
+        __m512 u = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(av, y), vs), vt), qv);
+        if (ep.relu) u = _mm512_max_ps(zero, u);   // u < 0 ? 0 : u (-0.0 and NaN stay: the second operand)
+        _mm512_mask_storeu_ps(op + ow, m, u);
       }
 #endif
       for (; ow < OW; ++ow) {
@@ -1683,7 +1707,8 @@ struct IdealFromProducts {
           const float code = std::min(std::max(std::nearbyint(sv / D[i]) + Z[i], 0.0f), top);
           sum += static_cast<double>((code - Z[i]) * D[i]) * static_cast<double>(K[i]);
         }
-        op[ow] = (((a == nullptr ? a0 : a[ow]) + static_cast<float>(sum)) * sc_c) + bi_c;
+        op[ow] = ep.post((((a == nullptr ? a0 : a[ow]) + static_cast<float>(sum)) * sc_c) + bi_c,
+                         q == nullptr ? q0 : q[ow]);
       }
     }
   }
@@ -1704,7 +1729,7 @@ struct NonIdealFromRow {
     ni.run_range(pv.row, c, n0, len, key, Store{v});
   }
   void rows(const PlaneView&, const RecombineDims&, int64_t, int64_t, int64_t, const float*, const Epilogue&, int64_t,
-            const float*, float*, int64_t, int64_t, int64_t) const {}
+            const float*, const float*, float*, int64_t, int64_t, int64_t) const {}
 };
 
 struct ConvAdcRecombineKernel {
@@ -1768,8 +1793,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   static Op<RecombineKernel, 2> recombine("Recombine");
   static Op<AdcRecombineKernel, 4> adc_recombine("AdcRecombine");
   static Op<AdcRecombineNonIdealKernel, 7> adc_recombine_nonideal("AdcRecombineNonIdeal");
-  static Op<ConvAdcRecombineKernel, 10> conv_adc_recombine("ConvAdcRecombine");
-  static Op<ConvAdcRecombineNonIdealKernel, 13> conv_adc_recombine_nonideal("ConvAdcRecombineNonIdeal");
+  static Op<ConvAdcRecombineKernel, 11> conv_adc_recombine("ConvAdcRecombine");
+  static Op<ConvAdcRecombineNonIdealKernel, 14> conv_adc_recombine_nonideal("ConvAdcRecombineNonIdeal");
   static Ort::CustomOpDomain domain{"ai.pimc"};
   static std::once_flag once;
   OrtStatus* status = nullptr;
