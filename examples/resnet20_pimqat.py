@@ -243,10 +243,10 @@ def main():
     ap.add_argument("--json", type=Path, default=OUT / "resnet20-pimqat.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    given_json = a.json != OUT / "resnet20-pimqat.json"
-    if a.calib == "max" and a.json == OUT / "resnet20-pimqat.json":
+    given_json = a.json != ap.get_default("json")
+    if a.calib == "max" and not given_json:
         a.json = OUT / "resnet20-pimqat-max.json"
-    elif a.adc_lr != 0 and a.json == OUT / "resnet20-pimqat.json":
+    elif a.adc_lr != 0 and not given_json:
         a.json = OUT / f"resnet20-pimqat-adclr{a.adc_lr:g}.json"
     old = json.loads(a.json.read_text()) if a.json.is_file() else {}
     results = old.get("rows", {})

@@ -202,15 +202,18 @@ def _shapes(model: onnx.ModelProto) -> dict:
     return out
 
 
-def _residual_and_relu(y, last, nodes_by_name, consumers, outputs, inits, shapes, drop) -> str:
+def _sole_reader(t, consumers, outputs):
+    """The one node reading tensor ``t``, or None (no reader, several, or ``t`` is a graph output)."""
+    r = consumers.get(t, [])
+    return r[0] if len(r) == 1 and t not in outputs else None
+
+
+def _residual_and_relu(y, last, consumers, outputs, inits, shapes, drop) -> str:
     """After a layer's output ``y`` (its last fused chunk's result): a standard ``Add`` that is
     y's only reader, whose other operand is a computed tensor (not an initializer) of y's
     inferred shape (the residual of a ResNet block), goes into the fused op as ``residual``;
     then a ``Relu`` that is the only reader of the result as ``relu`` = 1.  Returns the new output."""
-    def only(t):
-        r = consumers.get(t, [])
-        return r[0] if len(r) == 1 and t not in outputs else None
-    a = only(y)
+    a = _sole_reader(y, consumers, outputs)
     if (a is not None and a.op_type == "Add" and a.domain in ("", "ai.onnx") and len(a.input) == 2
             and list(a.input).count(y) == 1):
         other = a.input[1] if a.input[0] == y else a.input[0]
@@ -219,7 +222,7 @@ def _residual_and_relu(y, last, nodes_by_name, consumers, outputs, inits, shapes
             last["residual"] = other
             y = a.output[0]
             drop.add(a.name)
-    r = only(y)
+    r = _sole_reader(y, consumers, outputs)
     if r is not None and r.op_type == "Relu" and r.domain in ("", "ai.onnx"):
         last["relu"] = 1
         y = r.output[0]
@@ -232,7 +235,8 @@ def _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop, shapes) ->
     dequantization Mul and bias Add go into its fused nodes (names added to ``drop``), as
     {conv name: {"x", "x_scale", "addend", "out_scale", "out_bias", "y"}} (only what changes)."""
     def only_reader(t, node) -> bool:
-        return t not in outputs and [n.name for n in consumers.get(t, [])] == [node.name]
+        r = _sole_reader(t, consumers, outputs)
+        return r is not None and r.name == node.name
 
     extra: dict[str, dict] = {}
     for L in mapping.layers:
@@ -276,7 +280,7 @@ def _epilogues(mapping, fuse, nodes, inits, consumers, outputs, drop, shapes) ->
                 y = m.output[0]
                 drop.add(m.name)
             # then the block's residual Add (a computed tensor of the output's shape) and its Relu
-            y = _residual_and_relu(y, last, nodes, consumers, outputs, inits, shapes, drop)
+            y = _residual_and_relu(y, last, consumers, outputs, inits, shapes, drop)
             last["y"] = y
         extra.update({name: e for name, e in ep.items() if e})
     return extra
