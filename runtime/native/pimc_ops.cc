@@ -1451,8 +1451,8 @@ struct Epilogue {
     return add_full ? add + (b * cout + c) * n : nullptr;
   }
   // y[i] = post(((addend + r[i]) * scale) + bias, residual) for i < n (a, q: the channel's addend and
-  // residual at this offset, or nullptr for the one value)
-  void apply(float* __restrict y, const float* r, const float* a, const float* q, int64_t c, int64_t n) const {
+  // residual at this offset, or nullptr for the one value).  y may be r (in place): no __restrict
+  void apply(float* y, const float* r, const float* a, const float* q, int64_t c, int64_t n) const {
     const float s = scale(c), t = bias(c), a0 = add[0], q0 = res[0];
     for (int64_t i = 0; i < n; ++i)
       y[i] = post((((a != nullptr ? a[i] : a0) + r[i]) * s) + t, q != nullptr ? q[i] : q0);
