@@ -1469,6 +1469,16 @@ struct Epilogue {
 // * k each), so the values are bit identical to it, and the last plane writes float32 directly.
 constexpr int64_t kPixBlock = 64;
 
+// dst[i] = (src ? src[i] : +0.0) + double(v[i]) * k for i < n, stored as double, or rounded to
+// float32 where dst is float (AdcRecombine's acc += double(v) * k, then its one rounding)
+template <typename T>
+inline void add_terms(const double* src, const float* __restrict v, double k, int64_t n, T* dst) {
+  if (src == nullptr)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(0.0 + static_cast<double>(v[i]) * k);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] + static_cast<double>(v[i]) * k);
+}
+
 template <typename Conversion>
 void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const RecombineDims& d, size_t coef_input,
                         const char* op, const Conversion& conv) {
@@ -1580,21 +1590,25 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
             }
             continue;
           }
+          // sum = (first plane ? +0.0 : the running sum) + double(v) * k over the (tile, slice)
+          // terms; the first term reads the running sum and the last writes it (or, on the last
+          // plane, its float32 rounding): no copies in or out of the block's buffer
           for (int64_t n0 = 0; n0 < dom; n0 += kPixBlock) {
             const int64_t len = std::min(kPixBlock, dom - n0);
             double sum[kPixBlock];
             float v[kPixBlock];
-            for (int64_t i = 0; i < len; ++i) sum[i] = first ? 0.0 : ao[n0 + i];
-            for (int64_t t = 0; t < d.T; ++t)
-              for (int64_t s = 0; s < d.S; ++s) {
-                const double k = static_cast<double>(coef[p * d.S + s]);
-                conv.convert(view, ((gg * d.T + t) * d.S + s) * coutg + o, n0, len, state, v);
-                for (int64_t i = 0; i < len; ++i) sum[i] += static_cast<double>(v[i]) * k;
-              }
-            if (last)
-              for (int64_t i = 0; i < len; ++i) yo[n0 + i] = static_cast<float>(sum[i]);
-            else
-              for (int64_t i = 0; i < len; ++i) ao[n0 + i] = sum[i];
+            for (int64_t j = 0; j < terms; ++j) {
+              const int64_t t = j / d.S, s = j % d.S;
+              const double k = static_cast<double>(coef[p * d.S + s]);
+              conv.convert(view, ((gg * d.T + t) * d.S + s) * coutg + o, n0, len, state, v);
+              const double* src = j > 0 ? sum : first ? nullptr : ao + n0;
+              if (j + 1 < terms)
+                add_terms(src, v, k, len, sum);
+              else if (last)
+                add_terms(src, v, k, len, yo + n0);
+              else
+                add_terms(src, v, k, len, ao + n0);
+            }
           }
           if (!last) continue;
           const float* ad = ep.addend(b, c, cout, g.N);
