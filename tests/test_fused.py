@@ -90,6 +90,10 @@ def _tensors(c):
     k = c["cg"] * c["k"][0] * c["k"][1]
     smax = k * max(abs(lo), abs(hi)) * max(abs(c["cell"][0]), abs(c["cell"][1]))
     scale = rng.uniform(0.5, max(1.0, smax / 2 ** c["bits"]), (1, cols, 1, 1)).astype(np.float32)
+    # steps of 1 (lossless columns) and other powers of two, which the kernels take without a
+    # division (and where s / d often lies exactly half-way between two integers)
+    pow2 = rng.random(cols) < 0.4
+    scale[0, pow2, 0, 0] = 2.0 ** rng.integers(-2, 4, int(pow2.sum()))
     zp = np.round(rng.uniform(0, 2 ** c["bits"] - 1, (1, cols, 1, 1))).astype(np.float32)
     coef = rng.choice([1, 2, 4, -8, -1, 16], (c["P"], c["S"])).astype(np.float32)
     attrs = dict(strides=list(c["stride"]), pads=c["pads"], dilations=list(c["dil"]), group=conv_groups,

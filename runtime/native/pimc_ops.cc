@@ -130,6 +130,29 @@ struct Accumulate {
 #endif
 };
 
+// nearbyint(s / d) for integer-valued float s (|s| < 2^24, never -0.0), without the division
+// where that is the same value: s / 1 = s (already an integer); for d = 2^e (|e| <= 100) s / d =
+// s * 2^-e exactly; other steps divide.
+struct RoundDiv {
+  enum Mode { kOne, kPow2, kDivide };
+  float d, y;
+  Mode mode;
+  explicit RoundDiv(float d_) : d(d_), y(1.0f / d_), mode(kDivide) {
+    int e = 0;
+    if (d == 1.0f) mode = kOne;
+    else if (std::isfinite(d) && std::frexp(d, &e) == 0.5f && e >= -100 && e <= 100) mode = kPow2;
+  }
+  float operator()(float s) const { return std::nearbyint(s / d); }
+#ifdef __AVX512F__
+  __m512 r16(__m512 s) const {
+    constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    if (mode == kOne) return s;
+    if (mode == kPow2) return _mm512_roundscale_ps(_mm512_mul_ps(s, _mm512_set1_ps(y)), kNear);
+    return _mm512_roundscale_ps(_mm512_div_ps(s, _mm512_set1_ps(d)), kNear);
+  }
+#endif
+};
+
 template <typename Sink>
 inline void adc_ideal(const float* __restrict in, const Sink& sink, int64_t n, float d, float z, float top) {
   for (int64_t i = 0; i < n; ++i) {
@@ -1638,9 +1661,21 @@ struct IdealFromProducts {
     const int32_t* in = pv.ci + c * pv.ldc + n0;
     const int32_t cr = pv.corr[c];
     const float d = sc.at(c), z = zp.at(c);
-    for (int64_t i = 0; i < len; ++i) {
+    const RoundDiv rd(d);
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 vd = _mm512_set1_ps(d), vz = _mm512_set1_ps(z), vtop = _mm512_set1_ps(top),
+                 zero = _mm512_setzero_ps();
+    const __m512i vcr = _mm512_set1_epi32(cr);
+    for (; i + 16 <= len; i += 16) {
+      const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(in + i), vcr));
+      const __m512 code = _mm512_min_ps(vtop, _mm512_max_ps(zero, _mm512_add_ps(rd.r16(sv), vz)));
+      _mm512_storeu_ps(v + i, _mm512_mul_ps(_mm512_sub_ps(code, vz), vd));
+    }
+#endif
+    for (; i < len; ++i) {
       const float s = static_cast<float>(in[i] - cr);
-      const float code = std::min(std::max(std::nearbyint(s / d) + z, 0.0f), top);
+      const float code = std::min(std::max(rd(s) + z, 0.0f), top);
       v[i] = (code - z) * d;
     }
   }
@@ -1685,8 +1720,7 @@ struct IdealFromProducts {
         const int32_t* in = pv.ci + COL[i] * pv.ldc + oh * row + ow;
         const __m512 vd = _mm512_set1_ps(D[i]), vz = _mm512_set1_ps(Z[i]);
         const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, in), _mm512_set1_epi32(CR[i])));
-        const __m512 r = _mm512_add_ps(
-            _mm512_roundscale_ps(_mm512_div_ps(sv, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+        const __m512 r = _mm512_add_ps(RoundDiv(D[i]).r16(sv), vz);
         return _mm512_mul_ps(_mm512_sub_ps(_mm512_min_ps(vtop, _mm512_max_ps(zero, r)), vz), vd);
       };
       for (; ow < OW; ow += 16) {
