@@ -790,7 +790,22 @@ struct BitPlanesKernel {
     const float full = std::pow(2.0f, static_cast<float>(bits));
     const int64_t nb = (n + block - 1) / block;
     parallel(ctx, nb, [&](int64_t b) {
-      for (int64_t i = b * block, e = std::min(n, i + block); i < e; ++i) {
+      int64_t i = b * block;
+      const int64_t e = std::min(n, i + block);
+#if defined(__AVX512F__)
+      // sixteen at a time, the same steps: u = q < 0 ? q + 2^bits : q, bit p of int(u)
+      const __m512 vfull = _mm512_set1_ps(full), zero = _mm512_setzero_ps();
+      const __m512i one = _mm512_set1_epi32(1);
+      for (; bits <= 24 && i + 16 <= e; i += 16) {
+        const __m512 q = _mm512_loadu_ps(qp + i);
+        const __m512 u = _mm512_mask_add_ps(q, _mm512_cmp_ps_mask(q, zero, _CMP_LT_OQ), q, vfull);
+        const __m512i v = _mm512_cvttps_epi32(u);
+        for (int64_t p = 0; p < bits; ++p)
+          _mm512_storeu_ps(y + p * n + i,
+                           _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, static_cast<unsigned>(p)), one)));
+      }
+#endif
+      for (; i < e; ++i) {
         float u = qp[i] < 0.0f ? qp[i] + full : qp[i];
         int64_t v = static_cast<int64_t>(u);
         for (int64_t p = 0; p < bits; ++p) y[p * n + i] = static_cast<float>((v >> p) & 1);
