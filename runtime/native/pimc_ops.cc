@@ -1634,18 +1634,17 @@ void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const R
           for (int64_t n0 = 0; n0 < dom; n0 += kPixBlock) {
             const int64_t len = std::min(kPixBlock, dom - n0);
             double sum[kPixBlock];
-            float v[kPixBlock];
             for (int64_t j = 0; j < terms; ++j) {
               const int64_t t = j / d.S, s = j % d.S;
               const double k = static_cast<double>(coef[p * d.S + s]);
-              conv.convert(view, ((gg * d.T + t) * d.S + s) * coutg + o, n0, len, state, v);
+              const int64_t col = ((gg * d.T + t) * d.S + s) * coutg + o;
               const double* src = j > 0 ? sum : first ? nullptr : ao + n0;
               if (j + 1 < terms)
-                add_terms(src, v, k, len, sum);
+                conv.accumulate(view, col, n0, len, state, k, src, sum);
               else if (last)
-                add_terms(src, v, k, len, yo + n0);
+                conv.accumulate(view, col, n0, len, state, k, src, yo + n0);
               else
-                add_terms(src, v, k, len, ao + n0);
+                conv.accumulate(view, col, n0, len, state, k, src, ao + n0);
             }
           }
           if (!last) continue;
@@ -1693,6 +1692,44 @@ struct IdealFromProducts {
       const float code = std::min(std::max(rd(s) + z, 0.0f), top);
       v[i] = (code - z) * d;
     }
+  }
+  // dst[i] = (src ? src[i] : +0.0) + double(v[i]) * k for i < len, v column c's conversions
+  // (convert's steps), as add_terms does, in one pass (AVX-512: masked for the last < 16)
+  template <typename T>
+  void accumulate(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t state, double k,
+                  const double* src, T* dst) const {
+#if defined(__AVX512F__)
+    (void)state;
+    const int32_t* in = pv.ci + c * pv.ldc + n0;
+    const float d = sc.at(c), z = zp.at(c);
+    const RoundDiv rd(d);
+    const __m512 vd = _mm512_set1_ps(d), vz = _mm512_set1_ps(z), vtop = _mm512_set1_ps(top),
+                 zero = _mm512_setzero_ps();
+    const __m512i vcr = _mm512_set1_epi32(pv.corr[c]);
+    const __m512d kk = _mm512_set1_pd(k), zd = _mm512_setzero_pd();
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1u);
+      const __mmask8 ml = static_cast<__mmask8>(m), mh = static_cast<__mmask8>(m >> 8);
+      const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, in + i), vcr));
+      const __m512 code = _mm512_min_ps(vtop, _mm512_max_ps(zero, _mm512_add_ps(rd.r16(sv), vz)));
+      const __m512 v = _mm512_mul_ps(_mm512_sub_ps(code, vz), vd);
+      __m512d lo = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), kk);
+      __m512d hi = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), kk);
+      lo = _mm512_add_pd(src == nullptr ? zd : _mm512_maskz_loadu_pd(ml, src + i), lo);
+      hi = _mm512_add_pd(src == nullptr ? zd : _mm512_maskz_loadu_pd(mh, src + i + 8), hi);
+      if constexpr (std::is_same_v<T, double>) {
+        _mm512_mask_storeu_pd(dst + i, ml, lo);
+        _mm512_mask_storeu_pd(dst + i + 8, mh, hi);
+      } else {
+        _mm256_mask_storeu_ps(dst + i, ml, _mm512_cvtpd_ps(lo));
+        _mm256_mask_storeu_ps(dst + i + 8, mh, _mm512_cvtpd_ps(hi));
+      }
+    }
+#else
+    float v[kPixBlock];
+    convert(pv, c, n0, len, state, v);
+    add_terms(src, v, k, len, dst);
+#endif
   }
   float step(int64_t c) const { return sc.at(c); }
   float top_code() const { return top; }
@@ -1792,6 +1829,13 @@ struct NonIdealFromRow {
   float top_code() const { return ni.top; }
   void convert(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t key, float* v) const {
     ni.run_range(pv.row, c, n0, len, key, Store{v});
+  }
+  template <typename T>
+  void accumulate(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t key, double k, const double* src,
+                  T* dst) const {
+    float v[kPixBlock];
+    convert(pv, c, n0, len, key, v);
+    add_terms(src, v, k, len, dst);
   }
   void rows(const PlaneView&, const RecombineDims&, int64_t, int64_t, int64_t, const float*, const Epilogue&, int64_t,
             const float*, const float*, float*, int64_t, int64_t, int64_t) const {}
