@@ -138,9 +138,11 @@ struct RoundDiv {
   float d, y;
   Mode mode;
   explicit RoundDiv(float d_) : d(d_), y(1.0f / d_), mode(kDivide) {
-    int e = 0;
+    uint32_t b;
+    std::memcpy(&b, &d, 4);
+    const int32_t e = static_cast<int32_t>((b >> 23) & 0xFFu) - 127;   // d = 2^e: sign 0, fraction 0
     if (d == 1.0f) mode = kOne;
-    else if (std::isfinite(d) && std::frexp(d, &e) == 0.5f && e >= -100 && e <= 100) mode = kPow2;
+    else if ((b & 0x807FFFFFu) == 0u && e >= -100 && e <= 100) mode = kPow2;
   }
   float operator()(float s) const { return std::nearbyint(s / d); }
 #ifdef __AVX512F__
@@ -1747,66 +1749,80 @@ struct IdealFromProducts {
     thread_local std::vector<int64_t> col;
     thread_local std::vector<float> dd, zz, kk;
     thread_local std::vector<int32_t> cr;
+    thread_local std::vector<RoundDiv> rdv;
     col.resize(terms); dd.resize(terms); zz.resize(terms); kk.resize(terms); cr.resize(terms);
+    rdv.clear();
     for (int64_t i = 0; i < terms; ++i) {
       const int64_t cc = term_column(d, gg, o, coutg, i);
       col[i] = cc; dd[i] = sc.at(cc); zz[i] = zp.at(cc); kk[i] = coef[i % d.S]; cr[i] = pv.corr[cc];
+      rdv.emplace_back(dd[i]);
     }
     // plain pointers: thread_local objects of a shared library are reached through a call
     const int64_t* COL = col.data();
     const float *D = dd.data(), *Z = zz.data(), *K = kk.data();
     const int32_t* CR = cr.data();
+    const RoundDiv* RD = rdv.data();
     // one or two terms summed in float32 where that is the float64 sum (float_sum_exact)
     const bool fsum = float_sum_exact(terms, K[0], terms == 2 ? K[1] : 0.0f, D[0], terms == 2 ? D[1] : 0.0f, top);
     const bool one = fsum && terms == 1, two = fsum && terms == 2;
     const float sc_c = ep.scale(c), bi_c = ep.bias(c), a0 = ep.add[0], q0 = ep.res[0];
-    for (int64_t oh = 0; oh < OH; ++oh) {
+    int64_t oh = 0;
+#if defined(__AVX512F__)
+    const __m512 vs = _mm512_set1_ps(sc_c), vt = _mm512_set1_ps(bi_c), va0 = _mm512_set1_ps(a0),
+                 vq0 = _mm512_set1_ps(q0), zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
+    // The values at output offset f = oh * OW + ow, sixteen (mask m) at a time: of one row, or of
+    // two rows where OW <= 8 (row oh's OW values, then row oh + 1's: contiguous in the output,
+    // apart by `row` in the products)
+    auto block = [&](int64_t f, __mmask16 m, bool pair, int64_t p0) {
+      auto conv16 = [&](int64_t i) {
+        const int32_t* in = pv.ci + COL[i] * pv.ldc + p0;
+        __m512i raw = _mm512_maskz_loadu_epi32(pair ? __mmask16((1u << OW) - 1u) : m, in);
+        if (pair) raw = _mm512_mask_expandloadu_epi32(raw, __mmask16(m & ~((1u << OW) - 1u)), in + row);
+        const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(raw, _mm512_set1_epi32(CR[i])));
+        const __m512 vd = _mm512_set1_ps(D[i]), vz = _mm512_set1_ps(Z[i]);
+        const __m512 r = _mm512_add_ps(RD[i].r16(sv), vz);
+        return _mm512_mul_ps(_mm512_sub_ps(_mm512_min_ps(vtop, _mm512_max_ps(zero, r)), vz), vd);
+      };
+      __m512 y;
+      if (one) {
+        y = _mm512_add_ps(_mm512_mul_ps(conv16(0), _mm512_set1_ps(K[0])), zero);
+      } else if (two) {
+        y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(conv16(0), _mm512_set1_ps(K[0])),
+                                        _mm512_mul_ps(conv16(1), _mm512_set1_ps(K[1]))), zero);
+      } else {
+        __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+        for (int64_t i = 0; i < terms; ++i) {
+          const __m512 v = conv16(i);
+          const __m512d k = _mm512_set1_pd(static_cast<double>(K[i]));
+          lo = _mm512_add_pd(lo, _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), k));
+          hi = _mm512_add_pd(hi, _mm512_mul_pd(
+              _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), k));
+        }
+        y = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo))),
+                                                _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
+      }
+      const __m512 av = ad == nullptr ? va0 : _mm512_maskz_loadu_ps(m, ad + f);
+      const __m512 qv = rd == nullptr ? vq0 : _mm512_maskz_loadu_ps(m, rd + f);
+      __m512 u = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(av, y), vs), vt), qv);
+      if (ep.relu) u = _mm512_max_ps(zero, u);   // u < 0 ? 0 : u (-0.0 and NaN stay: the second operand)
+      _mm512_mask_storeu_ps(out + f, m, u);
+    };
+    if (OW <= 8)
+      for (; oh + 2 <= OH; oh += 2) block(oh * OW, __mmask16((1u << (2 * OW)) - 1u), true, oh * row);
+    for (; oh < OH; ++oh)
+      for (int64_t ow = 0; ow < OW; ow += 16)
+        block(oh * OW + ow, OW - ow >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (OW - ow)) - 1u), false,
+              oh * row + ow);
+#endif
+    for (; oh < OH; ++oh) {
       float* op = out + oh * OW;
       const float* a = ad == nullptr ? nullptr : ad + oh * OW;
       const float* q = rd == nullptr ? nullptr : rd + oh * OW;
-      int64_t ow = 0;
-#if defined(__AVX512F__)
-      const __m512 vs = _mm512_set1_ps(sc_c), vt = _mm512_set1_ps(bi_c), va0 = _mm512_set1_ps(a0),
-                   vq0 = _mm512_set1_ps(q0), zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
-      auto conv16 = [&](int64_t i, __mmask16 m) {
-        const int32_t* in = pv.ci + COL[i] * pv.ldc + oh * row + ow;
-        const __m512 vd = _mm512_set1_ps(D[i]), vz = _mm512_set1_ps(Z[i]);
-        const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, in), _mm512_set1_epi32(CR[i])));
-        const __m512 r = _mm512_add_ps(RoundDiv(D[i]).r16(sv), vz);
-        return _mm512_mul_ps(_mm512_sub_ps(_mm512_min_ps(vtop, _mm512_max_ps(zero, r)), vz), vd);
-      };
-      for (; ow < OW; ow += 16) {
-        const __mmask16 m = OW - ow >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (OW - ow)) - 1u);
-        __m512 y;
-        if (one) {
-          y = _mm512_add_ps(_mm512_mul_ps(conv16(0, m), _mm512_set1_ps(K[0])), zero);
-        } else if (two) {
-          y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(conv16(0, m), _mm512_set1_ps(K[0])),
-                                          _mm512_mul_ps(conv16(1, m), _mm512_set1_ps(K[1]))), zero);
-        } else {
-          __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
-          for (int64_t i = 0; i < terms; ++i) {
-            const __m512 v = conv16(i, m);
-            const __m512d k = _mm512_set1_pd(static_cast<double>(K[i]));
-            lo = _mm512_add_pd(lo, _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), k));
-            hi = _mm512_add_pd(hi, _mm512_mul_pd(
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), k));
-          }
-          y = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo))),
-                                                  _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
-        }
-        const __m512 av = a == nullptr ? va0 : _mm512_maskz_loadu_ps(m, a + ow);
-        const __m512 qv = q == nullptr ? vq0 : _mm512_maskz_loadu_ps(m, q + ow);
-        __m512 u = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(av, y), vs), vt), qv);
-        if (ep.relu) u = _mm512_max_ps(zero, u);   // u < 0 ? 0 : u (-0.0 and NaN stay: the second operand)
-        _mm512_mask_storeu_ps(op + ow, m, u);
-      }
-#endif
-      for (; ow < OW; ++ow) {
+      for (int64_t ow = 0; ow < OW; ++ow) {
         double sum = 0.0;
         for (int64_t i = 0; i < terms; ++i) {
           const float sv = static_cast<float>(pv.ci[COL[i] * pv.ldc + oh * row + ow] - CR[i]);
-          const float code = std::min(std::max(std::nearbyint(sv / D[i]) + Z[i], 0.0f), top);
+          const float code = std::min(std::max(RD[i](sv) + Z[i], 0.0f), top);
           sum += static_cast<double>((code - Z[i]) * D[i]) * static_cast<double>(K[i]);
         }
         op[ow] = ep.post((((a == nullptr ? a0 : a[ow]) + static_cast<float>(sum)) * sc_c) + bi_c,
