@@ -52,3 +52,13 @@ def gemm_model(w_kn, b=None, *, matmul=False, trans_b=False):
 
 def run(model, x):
     return open_session(model).run(None, {"x": x})[0]
+
+
+def adc_steps(rng, lo: float, hi: float, shape) -> np.ndarray:
+    """ADC steps for kernel tests: uniform in [lo, hi), with about 40 % powers of two from 1/4 to
+    8 (1 included: lossless columns), which the kernels divide by multiplying with the exact
+    reciprocal (and where s / d often lies half-way between two integers)."""
+    d = rng.uniform(lo, hi, shape).astype(np.float32)
+    pow2 = rng.random(shape) < 0.4
+    d[pow2] = 2.0 ** rng.integers(-2, 4, int(pow2.sum()))
+    return d

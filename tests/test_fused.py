@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import pimc
-from helpers import conv_model
+from helpers import adc_steps, conv_model
 from pimc.core.chip import build_chip_config, transfer_lut
 from pimc.core.mapping import read_mapping
 from pimc.runtime import ops
@@ -89,11 +89,7 @@ def _tensors(c):
     w[rng.random(w.shape) < 0.2] = 0   # padding slots and masked rows hold zeros
     k = c["cg"] * c["k"][0] * c["k"][1]
     smax = k * max(abs(lo), abs(hi)) * max(abs(c["cell"][0]), abs(c["cell"][1]))
-    scale = rng.uniform(0.5, max(1.0, smax / 2 ** c["bits"]), (1, cols, 1, 1)).astype(np.float32)
-    # steps of 1 (lossless columns) and other powers of two, which the kernels take without a
-    # division (and where s / d often lies exactly half-way between two integers)
-    pow2 = rng.random(cols) < 0.4
-    scale[0, pow2, 0, 0] = 2.0 ** rng.integers(-2, 4, int(pow2.sum()))
+    scale = adc_steps(rng, 0.5, max(1.0, smax / 2 ** c["bits"]), (1, cols, 1, 1))
     zp = np.round(rng.uniform(0, 2 ** c["bits"] - 1, (1, cols, 1, 1))).astype(np.float32)
     coef = rng.choice([1, 2, 4, -8, -1, 16], (c["P"], c["S"])).astype(np.float32)
     attrs = dict(strides=list(c["stride"]), pads=c["pads"], dilations=list(c["dil"]), group=conv_groups,

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from onnx import helper, numpy_helper as nh
 
 import pimc
-from helpers import conv_model
+from helpers import adc_steps, conv_model
 from pimc.cli import main
 from pimc.runtime import ops
 from pimc.core.chip import build_chip_config, read_lut_csv, transfer_lut
@@ -71,7 +71,7 @@ def test_adc_quantize_three_ways(shape, bits, seed, scalar):
     c = shape[1]
     s = np.round(rng.standard_normal(shape) * 50).astype(np.float32)
     cshape = (1, 1, 1, 1) if scalar else (1, c, 1, 1)
-    scale = rng.uniform(0.5, 9, cshape).astype(np.float32)
+    scale = adc_steps(rng, 0.5, 9, cshape)
     zp = np.round(rng.uniform(-5, 2 ** bits, cshape)).astype(np.float32)
     m = one_op_model("AdcQuantize", {"s": s}, {"scale": scale, "zp": zp}, {"bits": bits})
     body, nat = run_both(m, {"s": s})
@@ -323,7 +323,7 @@ def test_nonideal_adc_small_integral_sums(P, T, S, cout_g, bits, seed, hw, sigma
         s[r, c].reshape(-1)[:8] = rng.integers(16, 21, 8)
     check_fused_adc_recombine(P, 1, T, S, cout_g, 2, bits, seed, hw, sigma=sigma, s=s)
     # the unfused conversion (AdcQuantizeNonIdeal) takes the same path
-    c = {"scale": rng.uniform(0.5, 6, (1, cols, 1, 1)).astype(np.float32),
+    c = {"scale": adc_steps(rng, 0.5, 6, (1, cols, 1, 1)),
          "zp": np.round(rng.uniform(0, 2 ** bits, (1, cols, 1, 1))).astype(np.float32),
          "gain": rng.normal(1, 0.05, (1, cols, 1, 1)).astype(np.float32),
          "offset": rng.normal(0, 1, (1, cols, 1, 1)).astype(np.float32),
@@ -338,7 +338,7 @@ def check_fused_adc_recombine(P, G, T, S, cout_g, B, bits, seed, hw, sigma=0.6, 
     cols = G * T * S * cout_g
     if s is None:
         s = np.round(rng.standard_normal((P * B, cols, *hw)) * 30).astype(np.float32)
-    scale = rng.uniform(0.5, 6, (1, cols, 1, 1)).astype(np.float32)
+    scale = adc_steps(rng, 0.5, 6, (1, cols, 1, 1))
     zp = np.round(rng.uniform(0, 2 ** bits, (1, cols, 1, 1))).astype(np.float32)
     coef = rng.choice([1, 2, 4, -8, -1], (P, S)).astype(np.float32)
     rattrs = {"planes": P, "groups": G, "tiles": T, "slices": S}

@@ -130,19 +130,25 @@ struct Accumulate {
 #endif
 };
 
+// Whether x / d is x * (1 / d) for every float x: d = 2^e with |e| <= 126 (1 / d = 2^-e exactly;
+// both are the same real number x 2^-e rounded once, subnormal, infinite and NaN results included).
+inline bool power_of_two(float d) {
+  uint32_t b;
+  std::memcpy(&b, &d, 4);
+  const int32_t e = static_cast<int32_t>((b >> 23) & 0xFFu) - 127;   // sign 0, fraction 0
+  return (b & 0x807FFFFFu) == 0u && e >= -126 && e <= 126;
+}
+
 // nearbyint(s / d) for integer-valued float s (|s| < 2^24, never -0.0), without the division
-// where that is the same value: s / 1 = s (already an integer); for d = 2^e (|e| <= 100) s / d =
-// s * 2^-e exactly; other steps divide.
+// where that is the same value: s / 1 = s (already an integer); for d = 2^e, s * 2^-e
+// (power_of_two); other steps divide.
 struct RoundDiv {
   enum Mode { kOne, kPow2, kDivide };
   float d, y;
   Mode mode;
   explicit RoundDiv(float d_) : d(d_), y(1.0f / d_), mode(kDivide) {
-    uint32_t b;
-    std::memcpy(&b, &d, 4);
-    const int32_t e = static_cast<int32_t>((b >> 23) & 0xFFu) - 127;   // d = 2^e: sign 0, fraction 0
     if (d == 1.0f) mode = kOne;
-    else if ((b & 0x807FFFFFu) == 0u && e >= -100 && e <= 100) mode = kPow2;
+    else if (power_of_two(d)) mode = kPow2;
   }
   float operator()(float s) const { return std::nearbyint(s / d); }
 #ifdef __AVX512F__
@@ -268,17 +274,21 @@ struct Lanes {
 // Lanes' constants and its noise and output steps in sixteen lanes (the AVX-512 loops of
 // convert and convert_tabulated): the same operations and operand orders.
 struct Lanes16 {
-  __m512 d, z, zero, top, two, c256, ss, ss256;
+  __m512 d, y, z, zero, top, two, c256, ss, ss256;
   __m512i key, m1, m2, ones8, ones16, c510, m510, izero;
-  bool folded;
+  bool folded, recip;
 
   explicit Lanes16(const Column& k)
-      : d(_mm512_set1_ps(k.d)), z(_mm512_set1_ps(k.z)), zero(_mm512_setzero_ps()), top(_mm512_set1_ps(k.top)),
+      : d(_mm512_set1_ps(k.d)), y(_mm512_set1_ps(1.0f / k.d)), z(_mm512_set1_ps(k.z)), zero(_mm512_setzero_ps()), top(_mm512_set1_ps(k.top)),
         two(_mm512_set1_ps(2.0f)), c256(_mm512_set1_ps(256.0f)), ss(_mm512_set1_ps(k.ss)),
         ss256(_mm512_set1_ps(k.ss / 256.0f)), key(_mm512_set1_epi32(static_cast<int32_t>(k.key))),
         m1(_mm512_set1_epi32(static_cast<int32_t>(2146121005u))), m2(_mm512_set1_epi32(static_cast<int32_t>(2221713035u))),
         ones8(_mm512_set1_epi8(1)), ones16(_mm512_set1_epi16(1)), c510(_mm512_set1_epi32(510)),
-        m510(_mm512_set1_epi32(-510)), izero(_mm512_setzero_si512()), folded(noise_folds(k.ss)) {}
+        m510(_mm512_set1_epi32(-510)), izero(_mm512_setzero_si512()), folded(noise_folds(k.ss)),
+        recip(power_of_two(k.d)) {}
+
+  // x / d (a multiplication where power_of_two(d): the same value)
+  __m512 over_d(__m512 x) const { return recip ? _mm512_mul_ps(x, y) : _mm512_div_ps(x, d); }
 
   // ss * zn of mix2(counter + key), as Lanes::noise
   __m512 noise(const uint32_t* mc) const {
@@ -341,7 +351,7 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
   // loads per value).
   if (Identity || k.lo != nullptr) {
     const Lanes16 v(k);
-    const __m512 d = v.d, g = _mm512_set1_ps(k.g), o = _mm512_set1_ps(k.o), z = v.z, zero = v.zero, top = v.top;
+    const __m512 g = _mm512_set1_ps(k.g), o = _mm512_set1_ps(k.o), z = v.z, zero = v.zero, top = v.top;
     const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(k.top) - 1), izero = v.izero,
                   bit5 = _mm512_set1_epi32(32);
     __m512 lo0 = zero, lo1 = zero, lo2 = zero, lo3 = zero, dl0 = zero, dl1 = zero, dl2 = zero, dl3 = zero;
@@ -351,7 +361,7 @@ void convert(const float* __restrict in, const Sink& sink, const uint32_t* __res
       dl2 = _mm512_loadu_ps(k.dl + 32), dl3 = _mm512_loadu_ps(k.dl + 48);
     }
     for (; i + 16 <= n; i += 16) {
-      const __m512 w = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(g, _mm512_div_ps(_mm512_loadu_ps(in + i), d)), o), z);
+      const __m512 w = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(g, v.over_d(_mm512_loadu_ps(in + i))), o), z);
       const __m512 wc = _mm512_min_ps(_mm512_max_ps(zero, w), top);
       __m512 f;
       if constexpr (Identity) {
