@@ -91,7 +91,7 @@ void parallel(Ort::KernelContext& ctx, int64_t n, F&& f) {
 }
 
 // ------------------------------------------------------------------ conversion loops (shared)
-// Where converted values go: Store writes them (AdcQuantize*), Accumulate adds
+// Where converted values go: Store writes them (AdcQuantize*), AddTerm adds
 // value * k into a float64 row (the fused recombination: acc += double(v) * k, as
 // the Recombine body), so the fused kernels never write a scratch buffer.
 struct Store {
@@ -105,27 +105,51 @@ struct Store {
 #endif
 };
 
-struct Accumulate {
-  double* __restrict acc;
+// dst[i] = T((src ? src[i] : +0.0) + double(v) * k): a recombination term added into a float64
+// running sum (src == dst: acc += double(v) * k, as the Recombine body), or the last term of a
+// sum rounded once to float32 (T = float).  src may be dst.
+template <typename T>
+struct AddTerm {
+  const double* src;
+  T* dst;
   double k;
-  void put(int64_t i, float v) const { acc[i] += static_cast<double>(v) * k; }
+  void put(int64_t i, float v) const {
+    dst[i] = static_cast<T>((src == nullptr ? 0.0 : src[i]) + static_cast<double>(v) * k);
+  }
 #ifdef __AVX2__
   void put8(int64_t i, __m256 v) const {
-    const __m256d kk = _mm256_set1_pd(k);
-    __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), kk);
-    __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), kk);
-    _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), lo));
-    _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), hi));
+    const __m256d kk = _mm256_set1_pd(k), zd = _mm256_setzero_pd();
+    const __m256d lo = _mm256_add_pd(src == nullptr ? zd : _mm256_loadu_pd(src + i),
+                                     _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), kk));
+    const __m256d hi = _mm256_add_pd(src == nullptr ? zd : _mm256_loadu_pd(src + i + 4),
+                                     _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), kk));
+    if constexpr (std::is_same_v<T, double>) {
+      _mm256_storeu_pd(dst + i, lo);
+      _mm256_storeu_pd(dst + i + 4, hi);
+    } else {
+      _mm_storeu_ps(dst + i, _mm256_cvtpd_ps(lo));
+      _mm_storeu_ps(dst + i + 4, _mm256_cvtpd_ps(hi));
+    }
   }
 #endif
 #ifdef __AVX512F__
-  void put16(int64_t i, __m512 v) const {
-    const __m512d kk = _mm512_set1_pd(k);
-    const __m512d lo = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), kk);
-    const __m512d hi = _mm512_mul_pd(
-        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), kk);
-    _mm512_storeu_pd(acc + i, _mm512_add_pd(_mm512_loadu_pd(acc + i), lo));
-    _mm512_storeu_pd(acc + i + 8, _mm512_add_pd(_mm512_loadu_pd(acc + i + 8), hi));
+  void put16(int64_t i, __m512 v) const { put16m(i, v, 0xFFFF); }
+  // lanes of m only (the others neither read nor written)
+  void put16m(int64_t i, __m512 v, __mmask16 m) const {
+    const __mmask8 ml = static_cast<__mmask8>(m), mh = static_cast<__mmask8>(m >> 8);
+    const __m512d kk = _mm512_set1_pd(k), zd = _mm512_setzero_pd();
+    const __m512d lo = _mm512_add_pd(src == nullptr ? zd : _mm512_maskz_loadu_pd(ml, src + i),
+                                     _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), kk));
+    const __m512d hi = _mm512_add_pd(
+        src == nullptr ? zd : _mm512_maskz_loadu_pd(mh, src + i + 8),
+        _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), kk));
+    if constexpr (std::is_same_v<T, double>) {
+      _mm512_mask_storeu_pd(dst + i, ml, lo);
+      _mm512_mask_storeu_pd(dst + i + 8, mh, hi);
+    } else {
+      _mm256_mask_storeu_ps(dst + i, ml, _mm512_cvtpd_ps(lo));
+      _mm256_mask_storeu_ps(dst + i + 8, mh, _mm512_cvtpd_ps(hi));
+    }
   }
 #endif
 };
@@ -703,7 +727,7 @@ struct NonIdeal {
 // its columns in memory order (o innermost), so s streams through the caches
 // instead of jumping a whole block between 4 KiB columns; the accumulators
 // (channels x inner doubles, at most kAccBytes) stay in L2.  ``add(row, col,
-// Accumulate{acc, k})`` adds one column's (converted) values times k into acc.
+// AddTerm<double>{acc, acc, k})`` adds one column's (converted) values times k into acc.
 // A group's channels are cut into runs to keep the accumulators within kAccBytes
 // and to give small batches at least kMinTasks tasks.
 struct RecombineDims {
@@ -730,7 +754,7 @@ void recombine(Ort::KernelContext& ctx, const RecombineDims& d, int64_t B, int64
         for (int64_t s = 0; s < d.S; ++s) {
           const double k = static_cast<double>(coef[p * d.S + s]);
           const int64_t col0 = ((g * d.T + t) * d.S + s) * coutg;
-          for (int64_t o = o0; o < o1; ++o) add(p * B + b, col0 + o, Accumulate{acc.data() + (o - o0) * inner, k});
+          for (int64_t o = o0; o < o1; ++o) add(p * B + b, col0 + o, AddTerm<double>{acc.data() + (o - o0) * inner, acc.data() + (o - o0) * inner, k});
         }
     float* out = y + ((b * d.G + g) * coutg + o0) * inner;
     for (int64_t i = 0; i < (o1 - o0) * inner; ++i) out[i] = static_cast<float>(acc[i]);
@@ -883,7 +907,7 @@ struct RecombineKernel {
     const float* coef = ctx.GetInput(1).GetTensorData<float>();
     int64_t B, coutg;
     float* y = recombine_output(ctx, shape, d, "Recombine", B, coutg);
-    recombine(ctx, d, B, coutg, sh.inner, coef, y, [&](int64_t row, int64_t col, const Accumulate& a) {
+    recombine(ctx, d, B, coutg, sh.inner, coef, y, [&](int64_t row, int64_t col, const AddTerm<double>& a) {
       const float* in = ap + (row * sh.cols + col) * sh.inner;
       for (int64_t i = 0; i < sh.inner; ++i) a.put(i, in[i]);
     });
@@ -901,7 +925,7 @@ void convert_and_recombine(Ort::KernelContext& ctx, const Conversion& conv, cons
   int64_t B, coutg;
   float* y = recombine_output(ctx, shape, d, op, B, coutg);
   recombine(ctx, d, B, coutg, conv.sh.inner, coef, y,
-            [&](int64_t row, int64_t col, const Accumulate& a) { conv.run(row, col, a); });
+            [&](int64_t row, int64_t col, const AddTerm<double>& a) { conv.run(row, col, a); });
 }
 
 struct AdcRecombineKernel {
@@ -1519,16 +1543,6 @@ struct Epilogue {
 // * k each), so the values are bit identical to it, and the last plane writes float32 directly.
 constexpr int64_t kPixBlock = 64;
 
-// dst[i] = (src ? src[i] : +0.0) + double(v[i]) * k for i < n, stored as double, or rounded to
-// float32 where dst is float (AdcRecombine's acc += double(v) * k, then its one rounding)
-template <typename T>
-inline void add_terms(const double* src, const float* __restrict v, double k, int64_t n, T* dst) {
-  if (src == nullptr)
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(0.0 + static_cast<double>(v[i]) * k);
-  else
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] + static_cast<double>(v[i]) * k);
-}
-
 template <typename Conversion>
 void conv_adc_recombine(Ort::KernelContext& ctx, const ConvAttrs& attrs, const RecombineDims& d, size_t coef_input,
                         const char* op, const Conversion& conv) {
@@ -1706,7 +1720,7 @@ struct IdealFromProducts {
     }
   }
   // dst[i] = (src ? src[i] : +0.0) + double(v[i]) * k for i < len, v column c's conversions
-  // (convert's steps), as add_terms does, in one pass (AVX-512: masked for the last < 16)
+  // (convert's steps), as AddTerm does, in one pass (AVX-512: masked for the last < 16)
   template <typename T>
   void accumulate(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t state, double k,
                   const double* src, T* dst) const {
@@ -1718,29 +1732,19 @@ struct IdealFromProducts {
     const __m512 vd = _mm512_set1_ps(d), vz = _mm512_set1_ps(z), vtop = _mm512_set1_ps(top),
                  zero = _mm512_setzero_ps();
     const __m512i vcr = _mm512_set1_epi32(pv.corr[c]);
-    const __m512d kk = _mm512_set1_pd(k), zd = _mm512_setzero_pd();
+    const AddTerm<T> out{src, dst, k};
     for (int64_t i = 0; i < len; i += 16) {
       const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1u);
-      const __mmask8 ml = static_cast<__mmask8>(m), mh = static_cast<__mmask8>(m >> 8);
       const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, in + i), vcr));
       const __m512 code = _mm512_min_ps(vtop, _mm512_max_ps(zero, _mm512_add_ps(rd.r16(sv), vz)));
       const __m512 v = _mm512_mul_ps(_mm512_sub_ps(code, vz), vd);
-      __m512d lo = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), kk);
-      __m512d hi = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), kk);
-      lo = _mm512_add_pd(src == nullptr ? zd : _mm512_maskz_loadu_pd(ml, src + i), lo);
-      hi = _mm512_add_pd(src == nullptr ? zd : _mm512_maskz_loadu_pd(mh, src + i + 8), hi);
-      if constexpr (std::is_same_v<T, double>) {
-        _mm512_mask_storeu_pd(dst + i, ml, lo);
-        _mm512_mask_storeu_pd(dst + i + 8, mh, hi);
-      } else {
-        _mm256_mask_storeu_ps(dst + i, ml, _mm512_cvtpd_ps(lo));
-        _mm256_mask_storeu_ps(dst + i + 8, mh, _mm512_cvtpd_ps(hi));
-      }
+      out.put16m(i, v, m);
     }
 #else
     float v[kPixBlock];
     convert(pv, c, n0, len, state, v);
-    add_terms(src, v, k, len, dst);
+    const AddTerm<T> out{src, dst, k};
+    for (int64_t i = 0; i < len; ++i) out.put(i, v[i]);
 #endif
   }
   float step(int64_t c) const { return sc.at(c); }
@@ -1859,9 +1863,7 @@ struct NonIdealFromRow {
   template <typename T>
   void accumulate(const PlaneView& pv, int64_t c, int64_t n0, int64_t len, uint32_t key, double k, const double* src,
                   T* dst) const {
-    float v[kPixBlock];
-    convert(pv, c, n0, len, key, v);
-    add_terms(src, v, k, len, dst);
+    ni.run_range(pv.row, c, n0, len, key, AddTerm<T>{src, dst, k});
   }
   void rows(const PlaneView&, const RecombineDims&, int64_t, int64_t, int64_t, const float*, const Epilogue&, int64_t,
             const float*, const float*, float*, int64_t, int64_t, int64_t) const {}
