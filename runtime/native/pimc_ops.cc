@@ -247,23 +247,26 @@ constexpr int64_t kBlock = 128;
 #ifdef __AVX2__
 // A column's constants broadcast to eight lanes, and the steps of a conversion.
 struct Lanes {
-  __m256 d, g, o, z, zero, top, two, c256, ss, ss256;
+  __m256 d, y, g, o, z, zero, top, two, c256, ss, ss256;
   __m256i last, izero, key, m1, m2, ones8, ones16, c510, m510;
   bool folded;  // ss / 256 is exact (a normal float), so the noise can be scaled in one step
+  bool recip;   // power_of_two(d): s / d is s * y
 
   explicit Lanes(const Column& k)
-      : d(_mm256_set1_ps(k.d)), g(_mm256_set1_ps(k.g)), o(_mm256_set1_ps(k.o)), z(_mm256_set1_ps(k.z)),
+      : d(_mm256_set1_ps(k.d)), y(_mm256_set1_ps(1.0f / k.d)), g(_mm256_set1_ps(k.g)), o(_mm256_set1_ps(k.o)), z(_mm256_set1_ps(k.z)),
         zero(_mm256_setzero_ps()), top(_mm256_set1_ps(k.top)), two(_mm256_set1_ps(2.0f)), c256(_mm256_set1_ps(256.0f)),
         ss(_mm256_set1_ps(k.ss)), last(_mm256_set1_epi32(static_cast<int32_t>(k.top) - 1)), izero(_mm256_setzero_si256()),
         key(_mm256_set1_epi32(static_cast<int32_t>(k.key))), m1(_mm256_set1_epi32(static_cast<int32_t>(2146121005u))),
         m2(_mm256_set1_epi32(static_cast<int32_t>(2221713035u))), ones8(_mm256_set1_epi8(1)), ones16(_mm256_set1_epi16(1)),
-        c510(_mm256_set1_epi32(510)), m510(_mm256_set1_epi32(-510)), folded(noise_folds(k.ss)) {
+        c510(_mm256_set1_epi32(510)), m510(_mm256_set1_epi32(-510)), folded(noise_folds(k.ss)),
+        recip(power_of_two(k.d)) {
     ss256 = _mm256_set1_ps(k.ss / 256.0f);
   }
 
   // w = (g * (s / d) + o) + z, the gained value in LSB units before the curve
   __m256 gained(const float* in) const {
-    return _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, _mm256_div_ps(_mm256_loadu_ps(in), d)), o), z);
+    const __m256 x = _mm256_loadu_ps(in);
+    return _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, recip ? _mm256_mul_ps(x, y) : _mm256_div_ps(x, d)), o), z);
   }
   __m256 clamp(__m256 w) const { return _mm256_min_ps(_mm256_max_ps(zero, w), top); }
   // ss * zn of mix2(counter + key): the four bytes' sum (<= 1020) is exact in float,
@@ -311,7 +314,7 @@ struct Lanes16 {
         m510(_mm512_set1_epi32(-510)), izero(_mm512_setzero_si512()), folded(noise_folds(k.ss)),
         recip(power_of_two(k.d)) {}
 
-  // x / d (a multiplication where power_of_two(d): the same value)
+  // x / d (a multiplication where power_of_two(d): the same value), as Lanes::gained
   __m512 over_d(__m512 x) const { return recip ? _mm512_mul_ps(x, y) : _mm512_div_ps(x, d); }
 
   // ss * zn of mix2(counter + key), as Lanes::noise
@@ -1702,23 +1705,24 @@ struct IdealFromProducts {
     const int32_t cr = pv.corr[c];
     const float d = sc.at(c), z = zp.at(c);
     const RoundDiv rd(d);
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    const __m512 vd = _mm512_set1_ps(d), vz = _mm512_set1_ps(z), vtop = _mm512_set1_ps(top),
-                 zero = _mm512_setzero_ps();
-    const __m512i vcr = _mm512_set1_epi32(cr);
-    for (; i + 16 <= len; i += 16) {
-      const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(in + i), vcr));
-      const __m512 code = _mm512_min_ps(vtop, _mm512_max_ps(zero, _mm512_add_ps(rd.r16(sv), vz)));
-      _mm512_storeu_ps(v + i, _mm512_mul_ps(_mm512_sub_ps(code, vz), vd));
-    }
-#endif
-    for (; i < len; ++i) {
+    for (int64_t i = 0; i < len; ++i) {
       const float s = static_cast<float>(in[i] - cr);
       const float code = std::min(std::max(rd(s) + z, 0.0f), top);
       v[i] = (code - z) * d;
     }
   }
+#if defined(__AVX512F__)
+  // convert's steps on sixteen products raw of a column with correction cr, step rd.d, zero point z
+  // (std::max(a, b) is _mm512_max_ps(b, a), std::min(a, b) _mm512_min_ps(b, a): the same operand
+  // on ties and NaN)
+  __m512 conv16(__m512i raw, int32_t cr, const RoundDiv& rd, float z) const {
+    const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(raw, _mm512_set1_epi32(cr)));
+    const __m512 vz = _mm512_set1_ps(z);
+    const __m512 code =
+        _mm512_min_ps(_mm512_set1_ps(top), _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(rd.r16(sv), vz)));
+    return _mm512_mul_ps(_mm512_sub_ps(code, vz), _mm512_set1_ps(rd.d));
+  }
+#endif
   // dst[i] = (src ? src[i] : +0.0) + double(v[i]) * k for i < len, v column c's conversions
   // (convert's steps), as AddTerm does, in one pass (AVX-512: masked for the last < 16)
   template <typename T>
@@ -1727,18 +1731,13 @@ struct IdealFromProducts {
 #if defined(__AVX512F__)
     (void)state;
     const int32_t* in = pv.ci + c * pv.ldc + n0;
-    const float d = sc.at(c), z = zp.at(c);
-    const RoundDiv rd(d);
-    const __m512 vd = _mm512_set1_ps(d), vz = _mm512_set1_ps(z), vtop = _mm512_set1_ps(top),
-                 zero = _mm512_setzero_ps();
-    const __m512i vcr = _mm512_set1_epi32(pv.corr[c]);
+    const RoundDiv rd(sc.at(c));
+    const float z = zp.at(c);
+    const int32_t cr = pv.corr[c];
     const AddTerm<T> out{src, dst, k};
     for (int64_t i = 0; i < len; i += 16) {
       const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1u);
-      const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, in + i), vcr));
-      const __m512 code = _mm512_min_ps(vtop, _mm512_max_ps(zero, _mm512_add_ps(rd.r16(sv), vz)));
-      const __m512 v = _mm512_mul_ps(_mm512_sub_ps(code, vz), vd);
-      out.put16m(i, v, m);
+      out.put16m(i, conv16(_mm512_maskz_loadu_epi32(m, in + i), cr, rd, z), m);
     }
 #else
     float v[kPixBlock];
@@ -1783,30 +1782,27 @@ struct IdealFromProducts {
     int64_t oh = 0;
 #if defined(__AVX512F__)
     const __m512 vs = _mm512_set1_ps(sc_c), vt = _mm512_set1_ps(bi_c), va0 = _mm512_set1_ps(a0),
-                 vq0 = _mm512_set1_ps(q0), zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
+                 vq0 = _mm512_set1_ps(q0), zero = _mm512_setzero_ps();
     // The values at output offset f = oh * OW + ow, sixteen (mask m) at a time: of one row, or of
     // two rows where OW <= 8 (row oh's OW values, then row oh + 1's: contiguous in the output,
     // apart by `row` in the products)
     auto block = [&](int64_t f, __mmask16 m, bool pair, int64_t p0) {
-      auto conv16 = [&](int64_t i) {
+      auto term = [&](int64_t i) {
         const int32_t* in = pv.ci + COL[i] * pv.ldc + p0;
         __m512i raw = _mm512_maskz_loadu_epi32(pair ? __mmask16((1u << OW) - 1u) : m, in);
         if (pair) raw = _mm512_mask_expandloadu_epi32(raw, __mmask16(m & ~((1u << OW) - 1u)), in + row);
-        const __m512 sv = _mm512_cvtepi32_ps(_mm512_sub_epi32(raw, _mm512_set1_epi32(CR[i])));
-        const __m512 vd = _mm512_set1_ps(D[i]), vz = _mm512_set1_ps(Z[i]);
-        const __m512 r = _mm512_add_ps(RD[i].r16(sv), vz);
-        return _mm512_mul_ps(_mm512_sub_ps(_mm512_min_ps(vtop, _mm512_max_ps(zero, r)), vz), vd);
+        return conv16(raw, CR[i], RD[i], Z[i]);
       };
       __m512 y;
       if (one) {
-        y = _mm512_add_ps(_mm512_mul_ps(conv16(0), _mm512_set1_ps(K[0])), zero);
+        y = _mm512_add_ps(_mm512_mul_ps(term(0), _mm512_set1_ps(K[0])), zero);
       } else if (two) {
-        y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(conv16(0), _mm512_set1_ps(K[0])),
-                                        _mm512_mul_ps(conv16(1), _mm512_set1_ps(K[1]))), zero);
+        y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(term(0), _mm512_set1_ps(K[0])),
+                                        _mm512_mul_ps(term(1), _mm512_set1_ps(K[1]))), zero);
       } else {
         __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
         for (int64_t i = 0; i < terms; ++i) {
-          const __m512 v = conv16(i);
+          const __m512 v = term(i);
           const __m512d k = _mm512_set1_pd(static_cast<double>(K[i]));
           lo = _mm512_add_pd(lo, _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), k));
           hi = _mm512_add_pd(hi, _mm512_mul_pd(
